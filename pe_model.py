@@ -1,0 +1,752 @@
+"""
+The Perception Encoder (PE) model: vision tower, text tower, CLIP wrapper, tokenizer and preprocessing.
+
+Bolya et al. 2025, "Perception Encoder: The best visual embeddings are not at the output of the network"
+(arXiv 2504.13181). Written from the architecture notes in ../shared/reference/pe_architecture.md and
+checked against the official implementation's outputs (tests/fixtures, 1e-5 in float32 on CPU).
+
+    import pe_model
+    model = pe_model.build_model("PE-Core-B16-224")                 # random weights
+    pe_model.load_checkpoint(model, "PE-Core-B16-224.pt")            # an official .pt, strict
+    image = pe_model.preprocess_image(PIL.Image.open("cat.jpg"), model.visual.image_size)[None]
+    text = pe_model.tokenize(["a photo of a cat"], model.context_length)
+    image_features, text_features, logit_scale = model(image, text)  # L2-normalised, exp(scale)
+    tokens = model.visual.forward_features(image, layer_idx=-3)       # an intermediate layer's tokens
+    every_layer = model.visual.forward_all_layers(image)              # all layers, one forward pass
+
+Parameter names, shapes and state_dict keys are the official ones, so official checkpoints load with
+strict=True and no conversion, and checkpoints written here load into the official code. This file holds
+the model and nothing else: no training code (see train_clip.py and the other stage scripts).
+
+Contents, in order: configs; tokenizer; preprocessing; 2D RoPE; building blocks; vision tower; text tower;
+CLIP; building and loading.
+"""
+
+import gzip
+import html
+import math
+import os
+import re
+from dataclasses import asdict, dataclass, fields
+from functools import lru_cache
+from typing import Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from kernels.rope_attention import rope_attention
+
+# ---------------------------------------------------------------------------------------------------------
+# Configs. Field names are the official PEConfig / PETextConfig constructor arguments, so a config dict from
+# the official code (or from our checkpoints and fixtures) maps onto them one to one.
+
+
+@dataclass
+class PEConfig:
+    """Vision tower (official `VisionTransformer` arguments)."""
+
+    patch_size: int
+    width: int
+    layers: int
+    heads: int
+    mlp_ratio: float
+    output_dim: Optional[int]
+    ls_init_value: Optional[float] = None  # LayerScale init; None = no LayerScale (and no `gamma` keys)
+    drop_path: float = 0.0
+    image_size: int = 224  # pretraining size: defines the stored position-embedding grid only
+    use_abs_posemb: bool = True
+    use_cls_token: bool = False
+    use_rope2d: bool = True
+    pool_type: str = "attn"  # "attn" | "tok" | "avg" | "none"
+    attn_pooler_heads: int = 8
+    use_ln_pre: bool = True
+    use_ln_post: bool = True
+
+
+@dataclass
+class PETextConfig:
+    """Text tower (official `TextTransformer` arguments)."""
+
+    context_length: int = 32
+    width: int = 512
+    heads: int = 8
+    layers: int = 12
+    output_dim: int = 512
+    mlp_ratio: float = 4.0
+    vocab_size: int = 49408
+
+
+G_MLP_RATIO = 8960 / 1536  # int(1536 * ratio) = 8960: PE-G's MLP width
+
+
+def _core(patch, size, width, layers, heads, out, cls=True, ratio=4.0):
+    return PEConfig(patch, width, layers, heads, ratio, out, image_size=size, use_cls_token=cls)
+
+
+def _lang(patch, size, width, layers, heads, cls, ratio=4.0):
+    return PEConfig(patch, width, layers, heads, ratio, None, ls_init_value=0.1, image_size=size,
+                    use_cls_token=cls, pool_type="none", use_ln_post=False)
+
+
+def _spatial(patch, size, width, layers, heads, cls=True, ls=None, ratio=4.0):
+    return PEConfig(patch, width, layers, heads, ratio, None, ls_init_value=ls, image_size=size,
+                    use_cls_token=cls, pool_type="none", use_ln_post=False)
+
+
+# Every released configuration, by its official name (pe_architecture.md §6). Core models are CLIP models
+# (vision + text); Lang and Spatial models are vision towers only.
+VISION_CONFIGS = {
+    "PE-Core-T16-384": _core(16, 384, 192, 12, 3, 512),
+    "PE-Core-S16-384": _core(16, 384, 384, 12, 6, 512),
+    "PE-Core-B16-224": _core(16, 224, 768, 12, 12, 1024),
+    "PE-Core-L14-336": _core(14, 336, 1024, 24, 16, 1024),
+    "PE-Core-G14-448": _core(14, 448, 1536, 50, 16, 1280, cls=False, ratio=G_MLP_RATIO),
+    # PE-Lang keeps the first 23 of L's 24 blocks and 47 of G's 50 (the best language layers, §4)
+    "PE-Lang-L14-448": _lang(14, 448, 1024, 23, 16, cls=True),
+    "PE-Lang-G14-448": _lang(14, 448, 1536, 47, 16, cls=False, ratio=G_MLP_RATIO),
+    "PE-Lang-L14-448-Tiling": _lang(14, 448, 1024, 23, 16, cls=True),
+    "PE-Lang-G14-448-Tiling": _lang(14, 448, 1536, 47, 16, cls=False, ratio=G_MLP_RATIO),
+    "PE-Spatial-T16-512": _spatial(16, 512, 192, 12, 3),
+    "PE-Spatial-S16-512": _spatial(16, 512, 384, 12, 6),
+    "PE-Spatial-B16-512": _spatial(16, 512, 768, 12, 12),
+    "PE-Spatial-L14-448": _spatial(14, 448, 1024, 24, 16),
+    "PE-Spatial-G14-448": _spatial(14, 448, 1536, 50, 16, cls=False, ls=0.1, ratio=G_MLP_RATIO),
+    # Small configs that train on a CPU in minutes; the defaults of the stage scripts. Same architecture
+    # as the released ones (cls token, 2D RoPE, attention pooling), only narrower and shallower.
+    "PE-Core-Nano8-64": _core(8, 64, 128, 6, 4, 128),
+    "PE-Core-Micro8-64": _core(8, 64, 192, 8, 6, 256),
+}
+TEXT_CONFIGS = {
+    "PE-Core-T16-384": PETextConfig(32, 512, 8, 12, 512),
+    "PE-Core-S16-384": PETextConfig(32, 512, 8, 12, 512),
+    "PE-Core-B16-224": PETextConfig(32, 1024, 16, 24, 1024),
+    "PE-Core-L14-336": PETextConfig(32, 1024, 16, 24, 1024),
+    "PE-Core-G14-448": PETextConfig(72, 1280, 20, 24, 1280),
+    "PE-Core-Nano8-64": PETextConfig(32, 128, 4, 4, 128),
+    "PE-Core-Micro8-64": PETextConfig(32, 192, 6, 6, 256),
+}
+INIT_LOGIT_SCALE = math.log(1 / 0.07)
+
+
+def model_config(name):
+    """The config dict of a named model, in the format of the fixtures and of our checkpoints."""
+    if name not in VISION_CONFIGS:
+        raise ValueError(f"unknown model {name!r}; known: {', '.join(VISION_CONFIGS)}")
+    config = {"model_class": "CLIP" if name in TEXT_CONFIGS else "VisionTransformer",
+              "vision_cfg": asdict(VISION_CONFIGS[name])}
+    if name in TEXT_CONFIGS:
+        config["text_cfg"] = asdict(TEXT_CONFIGS[name])
+        config["init_logit_scale"] = INIT_LOGIT_SCALE
+    return config
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Tokenizer: OpenAI CLIP's byte-level BPE, which PE uses unchanged (pe_architecture.md §3). The merges file
+# ships in assets/ (MIT, see assets/LICENSE-bpe_simple_vocab.txt), so nothing is downloaded.
+
+BPE_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "bpe_simple_vocab_16e6.txt.gz")
+SOT_TOKEN_ID, EOT_TOKEN_ID, PAD_TOKEN_ID = 49406, 49407, 0
+
+
+def _byte_to_unicode():
+    """Map each of the 256 bytes to a printable unicode character, so BPE runs on strings without
+    whitespace or control characters. Printable latin-1 bytes map to themselves, the rest to 256 + n."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    mapping = {b: chr(b) for b in printable}  # order matters: it is the order of the first 256 vocabulary ids
+    others = [b for b in range(256) if b not in mapping]
+    mapping.update({b: chr(256 + n) for n, b in enumerate(others)})
+    return mapping
+
+
+class SimpleTokenizer:
+    """CLIP's BPE tokenizer: clean text, split it with CLIP's pattern, then merge byte pairs by rank."""
+
+    def __init__(self, bpe_path=BPE_PATH):
+        import regex  # the \p{L} / \p{N} classes of the pattern need the `regex` module
+
+        self.byte_encoder = _byte_to_unicode()
+        self.byte_decoder = {c: b for b, c in self.byte_encoder.items()}
+        with gzip.open(bpe_path, "rt", encoding="utf-8") as f:
+            lines = f.read().split("\n")
+        # the first line is a header; the vocabulary keeps 49152 - 256 - 2 merges (OpenAI's choice)
+        merges = [tuple(line.split()) for line in lines[1 : 49152 - 256 - 2 + 1]]
+        symbols = list(self.byte_encoder.values())
+        vocab = symbols + [s + "</w>" for s in symbols] + ["".join(m) for m in merges]
+        vocab += ["<|startoftext|>", "<|endoftext|>"]
+        self.encoder = {token: i for i, token in enumerate(vocab)}
+        self.decoder = {i: token for token, i in self.encoder.items()}
+        self.bpe_ranks = {merge: i for i, merge in enumerate(merges)}
+        self.cache = {"<|startoftext|>": "<|startoftext|>", "<|endoftext|>": "<|endoftext|>"}
+        # contractions, letter runs, single digits, runs of other non-space characters
+        self.pattern = regex.compile(
+            r"""<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+""",
+            regex.IGNORECASE)
+        self.vocab_size = len(vocab)  # 49408
+        assert self.encoder["<|startoftext|>"] == SOT_TOKEN_ID and self.encoder["<|endoftext|>"] == EOT_TOKEN_ID
+
+    @staticmethod
+    def clean(text):
+        import ftfy
+
+        text = ftfy.fix_text(text)
+        text = html.unescape(html.unescape(text)).strip()  # twice: captions scraped from HTML are often double-escaped
+        return re.sub(r"\s+", " ", text).strip().lower()
+
+    def bpe(self, token):
+        if token in self.cache:
+            return self.cache[token]
+        word = list(token[:-1]) + [token[-1] + "</w>"]  # the last symbol carries the end-of-word marker
+        while len(word) > 1:
+            pairs = {(word[i], word[i + 1]) for i in range(len(word) - 1)}
+            best = min(pairs, key=lambda p: self.bpe_ranks.get(p, float("inf")))
+            if best not in self.bpe_ranks:
+                break
+            merged, i = [], 0
+            while i < len(word):
+                if i < len(word) - 1 and (word[i], word[i + 1]) == best:
+                    merged.append(word[i] + word[i + 1])
+                    i += 2
+                else:
+                    merged.append(word[i])
+                    i += 1
+            word = merged
+        result = " ".join(word)
+        self.cache[token] = result
+        return result
+
+    def encode(self, text):
+        """BPE ids of a text, without start and end tokens."""
+        ids = []
+        for piece in self.pattern.findall(self.clean(text)):
+            piece = "".join(self.byte_encoder[b] for b in piece.encode("utf-8"))
+            ids.extend(self.encoder[t] for t in self.bpe(piece).split(" "))
+        return ids
+
+    def decode(self, ids):
+        text = "".join(self.decoder[int(i)] for i in ids)
+        data = bytearray(self.byte_decoder[c] for c in text)
+        return data.decode("utf-8", errors="replace").replace("</w>", " ")
+
+
+@lru_cache(maxsize=1)
+def get_tokenizer():
+    return SimpleTokenizer()
+
+
+def tokenize(texts, context_length=32):
+    """Texts -> LongTensor (len(texts), context_length): [SOT] + BPE + [EOT], zero-padded; an over-long text
+    is truncated and its last id forced to EOT, as the official tokenizer does. Context 32 (72 for G)."""
+    if isinstance(texts, str):
+        texts = [texts]
+    tokenizer = get_tokenizer()
+    out = torch.zeros(len(texts), context_length, dtype=torch.long)
+    for row, text in enumerate(texts):
+        ids = [SOT_TOKEN_ID] + tokenizer.encode(text) + [EOT_TOKEN_ID]
+        if len(ids) > context_length:
+            ids = ids[:context_length]
+            ids[-1] = EOT_TOKEN_ID
+        out[row, : len(ids)] = torch.tensor(ids)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Preprocessing (pe_architecture.md §5): squash resize (aspect ratio not kept), bilinear, mean = std = 0.5.
+
+
+def preprocess_image(image, image_size, center_crop=False):
+    """PIL image -> float tensor (3, H, W) in [-1, 1], as the official transform. `image_size` is an int
+    (square) or (H, W). center_crop: resize the short side to the size, then crop the centre."""
+    from PIL import Image
+
+    height, width = (image_size, image_size) if isinstance(image_size, int) else image_size
+    image = image.convert("RGB")
+    if center_crop:
+        scale = max(height / image.height, width / image.width)
+        resized = (max(width, round(image.width * scale)), max(height, round(image.height * scale)))
+        image = image.resize(resized, Image.BILINEAR)
+        left, top = (image.width - width) // 2, (image.height - height) // 2
+        image = image.crop((left, top, left + width, top + height))
+    else:
+        image = image.resize((width, height), Image.BILINEAR)  # PIL's bilinear antialiases when shrinking
+    pixels = torch.frombuffer(bytearray(image.tobytes()), dtype=torch.uint8).view(height, width, 3)
+    return pixels.permute(2, 0, 1).float().div(255).sub(0.5).div(0.5)
+
+
+def sample_frame_indices(total_frames, num_frames=8):
+    """Uniform frame sampling of the official video demo: frame int(i * total / T) for i < T. A video shorter
+    than T frames repeats frames, so every video gives exactly T."""
+    if total_frames <= 0:
+        raise ValueError(f"cannot sample frames from a video with {total_frames} frames")
+    return [int(i * total_frames / num_frames) for i in range(num_frames)]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# 2D RoPE (pe_architecture.md §2). Each head dim pair (2i, 2i+1) is rotated by one angle: the first half of
+# the head dims by column index × frequency, the second half by row index × frequency. head_dim / 4
+# frequencies per axis, 10000^(-4j / head_dim). With a class token the grid positions start at 1 and the
+# class token (sequence position 0) gets angle 0, i.e. it is not rotated.
+
+
+def rope_2d_angles(grid_h, grid_w, head_dim, use_cls_token, theta=10000.0):
+    """(N, head_dim) float32 angle table in the official layout, N = grid_h * grid_w (+1 with a cls token)."""
+    axis_dim = head_dim // 2
+    freqs = 1.0 / (theta ** (torch.arange(0, axis_dim, 2)[: axis_dim // 2].float() / axis_dim))  # (hd/4,)
+    offset = 1 if use_cls_token else 0
+    rows = torch.arange(grid_h, dtype=torch.float32) + offset
+    cols = torch.arange(grid_w, dtype=torch.float32) + offset
+    col_angles = (cols[:, None] * freqs).repeat_interleave(2, dim=-1)  # (gw, hd/2): pairs share an angle
+    row_angles = (rows[:, None] * freqs).repeat_interleave(2, dim=-1)  # (gh, hd/2)
+    angles = torch.cat([col_angles[None, :, :].expand(grid_h, -1, -1),
+                        row_angles[:, None, :].expand(-1, grid_w, -1)], dim=-1)  # (gh, gw, hd)
+    angles = angles.reshape(grid_h * grid_w, head_dim)  # row-major, as the patch tokens
+    if use_cls_token:
+        angles = torch.cat([angles.new_zeros(1, head_dim), angles])
+    return angles
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Building blocks. Attribute names reproduce the official state_dict keys.
+
+
+class LayerScale(nn.Module):
+    def __init__(self, width, init_value):
+        super().__init__()
+        self.gamma = nn.Parameter(init_value * torch.ones(width))
+
+    def forward(self, x):
+        return x * self.gamma
+
+
+class DropPath(nn.Module):
+    """Stochastic depth: drop a sample's whole residual branch with probability p (training only)."""
+
+    def __init__(self, p=0.0):
+        super().__init__()
+        self.p = p
+
+    def forward(self, x):
+        if not self.training or self.p == 0.0:
+            return x
+        keep = x.new_empty(x.shape[0], *([1] * (x.dim() - 1))).bernoulli_(1 - self.p)
+        return x * keep / (1 - self.p)
+
+
+class Attention(nn.Module):
+    """Multi-head attention with one fused q/k/v input projection (the keys of nn.MultiheadAttention:
+    in_proj_weight (3W, W), in_proj_bias, out_proj). Used for the vision blocks (with 2D RoPE), the text
+    blocks (causal) and attention pooling (a query attending over the tokens)."""
+
+    def __init__(self, width, heads):
+        super().__init__()
+        assert width % heads == 0, f"width {width} is not divisible by {heads} heads"
+        self.heads = heads
+        self.in_proj_weight = nn.Parameter(torch.empty(3 * width, width))
+        self.in_proj_bias = nn.Parameter(torch.zeros(3 * width))
+        self.out_proj = nn.Linear(width, width)
+        nn.init.xavier_uniform_(self.in_proj_weight)
+        nn.init.zeros_(self.out_proj.bias)
+
+    def forward(self, x, rope_angles=None, causal=False, query=None):
+        # x: (B, N, W) tokens; query: (B, M, W) or None for self-attention
+        batch, length, width = x.shape
+        if query is None:
+            q, k, v = F.linear(x, self.in_proj_weight, self.in_proj_bias).chunk(3, dim=-1)
+        else:
+            weight_q, weight_kv = self.in_proj_weight.split([width, 2 * width])
+            bias_q, bias_kv = self.in_proj_bias.split([width, 2 * width])
+            q = F.linear(query, weight_q, bias_q)
+            k, v = F.linear(x, weight_kv, bias_kv).chunk(2, dim=-1)
+        # (B, N, W) -> (B, H, N, W/H)
+        q, k, v = (t.unflatten(-1, (self.heads, -1)).transpose(1, 2) for t in (q, k, v))
+        if rope_angles is not None:
+            out = rope_attention(q, k, v, rope_angles)  # fused Triton kernel on CUDA, rotate + SDPA on CPU
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+        return self.out_proj(out.transpose(1, 2).flatten(2))  # (B, H, M, W/H) -> (B, M, W)
+
+
+class MLP(nn.Module):
+    def __init__(self, width, hidden):
+        super().__init__()
+        self.c_fc = nn.Linear(width, hidden)
+        self.gelu = nn.GELU()  # exact (erf) GELU, as the official act_layer
+        self.c_proj = nn.Linear(hidden, width)
+
+    def forward(self, x):
+        return self.c_proj(self.gelu(self.c_fc(x)))
+
+
+class ResidualAttentionBlock(nn.Module):
+    """Pre-norm block: x + ls_1(attn(ln_1(x))), then x + ls_2(mlp(ln_2(x)))."""
+
+    def __init__(self, width, heads, mlp_ratio=4.0, ls_init_value=None, drop_path=0.0):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(width, eps=1e-5)
+        self.attn = Attention(width, heads)
+        self.ls_1 = LayerScale(width, ls_init_value) if ls_init_value is not None else nn.Identity()
+        self.ln_2 = nn.LayerNorm(width, eps=1e-5)
+        self.mlp = MLP(width, int(width * mlp_ratio))  # int() truncates: G's 1536 * 8960/1536 = 8960
+        self.ls_2 = LayerScale(width, ls_init_value) if ls_init_value is not None else nn.Identity()
+        self.drop_path = DropPath(drop_path)
+
+    def forward(self, x, rope_angles=None, causal=False):
+        x = x + self.drop_path(self.ls_1(self.attn(self.ln_1(x), rope_angles=rope_angles, causal=causal)))
+        return x + self.drop_path(self.ls_2(self.mlp(self.ln_2(x))))
+
+
+class Transformer(nn.Module):
+    def __init__(self, width, layers, heads, mlp_ratio=4.0, ls_init_value=None, drop_path=0.0):
+        super().__init__()
+        self.resblocks = nn.ModuleList(
+            ResidualAttentionBlock(width, heads, mlp_ratio, ls_init_value, drop_path) for _ in range(layers))
+        self.grad_checkpointing = False  # recompute each block's activations in the backward (saves memory)
+
+    def run_block(self, index, x, rope_angles=None, causal=False):
+        block = self.resblocks[index]
+        if self.grad_checkpointing and torch.is_grad_enabled():
+            return torch.utils.checkpoint.checkpoint(block, x, rope_angles, causal, use_reentrant=False)
+        return block(x, rope_angles=rope_angles, causal=causal)
+
+    def forward(self, x, rope_angles=None, causal=False, stop_after=None):
+        last = len(self.resblocks) - 1 if stop_after is None else stop_after
+        for i in range(last + 1):
+            x = self.run_block(i, x, rope_angles, causal)
+        return x
+
+
+class AttentionPooling(nn.Module):
+    """A learned probe attends over all tokens (no residual around the attention), then a residual MLP with
+    ratio 4 whatever the tower's ratio (pe_architecture.md §1, AttentionPooling)."""
+
+    def __init__(self, width, heads, num_probe=1, mlp_ratio=4.0):
+        super().__init__()
+        self.probe = nn.Parameter(torch.randn(1, num_probe, width))
+        self.attn = Attention(width, heads)
+        self.layernorm = nn.LayerNorm(width, eps=1e-5)
+        self.mlp = MLP(width, int(width * mlp_ratio))
+
+    def forward(self, x):
+        x = self.attn(x, query=self.probe.expand(x.shape[0], -1, -1))  # (B, N, W) -> (B, 1, W)
+        return x + self.mlp(self.layernorm(x))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Vision tower (official `VisionTransformer`, pe_architecture.md §1).
+
+
+class VisionTransformer(nn.Module):
+    def __init__(self, patch_size, width, layers, heads, mlp_ratio, output_dim=None, ls_init_value=None,
+                 drop_path=0.0, image_size=224, use_abs_posemb=True, use_cls_token=False, use_rope2d=True,
+                 pool_type="attn", attn_pooler_heads=8, use_ln_pre=True, use_ln_post=True):
+        super().__init__()
+        if pool_type not in ("attn", "tok", "avg", "none"):
+            raise ValueError(f"pool_type must be attn, tok, avg or none, not {pool_type!r}")
+        self.config = PEConfig(patch_size, width, layers, heads, mlp_ratio, output_dim, ls_init_value, drop_path,
+                               image_size, use_abs_posemb, use_cls_token, use_rope2d, pool_type,
+                               attn_pooler_heads, use_ln_pre, use_ln_post)
+        self.patch_size, self.width, self.heads, self.image_size = patch_size, width, heads, image_size
+        self.output_dim, self.pool_type, self.use_cls_token = output_dim, pool_type, use_cls_token
+        self.use_rope2d = use_rope2d
+        scale = width**-0.5
+
+        self.conv1 = nn.Conv2d(3, width, kernel_size=patch_size, stride=patch_size, bias=False)
+        if use_cls_token:
+            self.class_embedding = nn.Parameter(scale * torch.randn(width))
+        self.posemb_grid = image_size // patch_size
+        if use_abs_posemb:
+            self.positional_embedding = nn.Parameter(
+                scale * torch.randn(int(use_cls_token) + self.posemb_grid**2, width))
+        self.ln_pre = nn.LayerNorm(width, eps=1e-5) if use_ln_pre else nn.Identity()
+        self.transformer = Transformer(width, layers, heads, mlp_ratio, ls_init_value, drop_path)
+        self.ln_post = nn.LayerNorm(width, eps=1e-5) if use_ln_post else nn.Identity()
+        if pool_type == "attn":
+            self.attn_pool = AttentionPooling(width, attn_pooler_heads)
+        if output_dim is not None:
+            self.proj = nn.Parameter(scale * torch.randn(width, output_dim))  # (in, out): used as x @ proj
+
+    @property
+    def layers(self):
+        return len(self.transformer.resblocks)
+
+    @classmethod
+    def from_config(cls, name, checkpoint_path=None, **load_kwargs):
+        """A named vision tower (any Core, Lang or Spatial name); weights from `checkpoint_path` if given.
+        A Core name gives the Core tower (a full CLIP checkpoint loads into it)."""
+        model = cls(**asdict(VISION_CONFIGS[name])) if name in VISION_CONFIGS else None
+        if model is None:
+            raise ValueError(f"unknown model {name!r}; known: {', '.join(VISION_CONFIGS)}")
+        if checkpoint_path is not None:
+            load_checkpoint(model, checkpoint_path, **load_kwargs)
+        return model
+
+    def truncate(self, layer_idx):
+        """Keep blocks 0..layer_idx (official semantics; PE-Lang towers are built this way)."""
+        keep = (self.layers + layer_idx) % self.layers + 1
+        self.transformer.resblocks = self.transformer.resblocks[:keep]
+        self.config.layers = keep
+
+    def interpolated_posemb(self, grid_h, grid_w):
+        """The learned position embedding at a (grid_h, grid_w) grid: the stored square grid resized
+        bilinearly (align_corners=False, no antialias), the cls row kept as is. (N, W)."""
+        posemb = self.positional_embedding
+        if (grid_h, grid_w) == (self.posemb_grid, self.posemb_grid):
+            return posemb
+        cls_row, grid = (posemb[:1], posemb[1:]) if self.use_cls_token else (posemb[:0], posemb)
+        grid = grid.reshape(1, self.posemb_grid, self.posemb_grid, -1).permute(0, 3, 1, 2)  # (1, W, g0, g0)
+        grid = F.interpolate(grid, size=(grid_h, grid_w), mode="bilinear", align_corners=False)
+        return torch.cat([cls_row, grid.permute(0, 2, 3, 1).reshape(grid_h * grid_w, -1)])
+
+    def embed(self, x):
+        """Images (B, 3, H, W) -> tokens entering block 0 (B, N, W) and the RoPE angles (N, head_dim)."""
+        x = self.conv1(x)  # (B, W, gh, gw); remainder pixels past the last full patch are dropped
+        grid_h, grid_w = x.shape[-2:]
+        x = x.flatten(2).transpose(1, 2)  # (B, gh*gw, W), row-major
+        if self.use_cls_token:
+            x = torch.cat([self.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1), x], dim=1)
+        if hasattr(self, "positional_embedding"):
+            x = x + self.interpolated_posemb(grid_h, grid_w).to(x.dtype)
+        angles = None
+        if self.use_rope2d:
+            angles = rope_2d_angles(grid_h, grid_w, self.width // self.heads, self.use_cls_token).to(x.device)
+        return self.ln_pre(x), angles
+
+    def _finish(self, x, norm, strip_cls_token):
+        if norm:
+            x = self.ln_post(x)
+        if strip_cls_token and self.use_cls_token:
+            x = x[:, 1:]
+        return x
+
+    def forward_features(self, x, norm=False, layer_idx=-1, strip_cls_token=False):
+        """Tokens (B, N, W) after block `layer_idx` (0-based; -1 the last, -2 the penultimate, ...).
+        norm applies ln_post; strip_cls_token drops the class token. Official semantics."""
+        x, angles = self.embed(x)
+        x = self.transformer(x, angles, stop_after=(self.layers + layer_idx) % self.layers)
+        return self._finish(x, norm, strip_cls_token)
+
+    def forward_all_layers(self, x, norm=False, strip_cls_token=False):
+        """The tokens of every block from ONE forward pass: a list of `layers` tensors (B, N, W), entry i equal
+        to forward_features(x, layer_idx=i, norm=norm, strip_cls_token=strip_cls_token). For layer-wise probing
+        (the official API needs one forward pass per layer)."""
+        x, angles = self.embed(x)
+        outputs = []
+        for i in range(self.layers):
+            x = self.transformer.run_block(i, x, angles)
+            outputs.append(self._finish(x, norm, strip_cls_token))
+        return outputs
+
+    def pool(self, x):
+        """ln_post'ed tokens (B, N, W) -> the tower's output: pooled and projected (B, D), or all tokens."""
+        if self.pool_type == "attn":
+            x = self.attn_pool(x).squeeze(1)
+        elif self.pool_type == "tok":
+            x = x[:, 0]
+        elif self.pool_type == "avg":
+            x = x.mean(dim=1)
+        if self.output_dim is not None:
+            x = x @ self.proj
+        return x
+
+    def forward(self, x, **kwargs):
+        return self.pool(self.forward_features(x, norm=True, **kwargs))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Text tower (official `TextTransformer`, pe_architecture.md §3): causal, no RoPE, no LayerScale; pooled at
+# the highest token id (the end-of-text token), projected by a raw (W_t, D) matrix.
+
+
+class TextTransformer(nn.Module):
+    def __init__(self, context_length=32, width=512, heads=8, layers=12, output_dim=512, mlp_ratio=4.0,
+                 vocab_size=49408):
+        super().__init__()
+        self.text_config = PETextConfig(context_length, width, heads, layers, output_dim, mlp_ratio, vocab_size)
+        self.context_length, self.vocab_size = context_length, vocab_size
+        self.token_embedding = nn.Embedding(vocab_size, width)
+        # left uninitialised by the official code; initialised here as open_clip does (std 0.01, W_t^-0.5)
+        self.positional_embedding = nn.Parameter(0.01 * torch.randn(context_length, width))
+        self.transformer = Transformer(width, layers, heads, mlp_ratio)
+        self.ln_final = nn.LayerNorm(width, eps=1e-5)
+        self.text_projection = nn.Parameter(width**-0.5 * torch.randn(width, output_dim))
+        nn.init.normal_(self.token_embedding.weight, std=0.02)
+
+    def encode_text_tokens(self, text):
+        """Token ids (B, L), L <= context_length -> final token states after ln_final (B, L, W_t)."""
+        if text.shape[1] > self.context_length:
+            raise ValueError(f"text has {text.shape[1]} tokens, more than context_length {self.context_length}")
+        x = self.token_embedding(text) + self.positional_embedding[: text.shape[1]]
+        return self.ln_final(self.transformer(x, causal=True))
+
+    def encode_text(self, text, normalize=False):
+        x = self.encode_text_tokens(text)
+        x = x[torch.arange(x.shape[0], device=x.device), text.argmax(dim=-1)]  # the EOT token: highest id
+        x = x @ self.text_projection
+        return F.normalize(x, dim=-1) if normalize else x
+
+
+class CLIP(TextTransformer):
+    """Vision tower `visual` + text tower (its keys at the top level, as in the official code) + logit_scale."""
+
+    def __init__(self, vision_cfg, text_cfg, init_logit_scale=INIT_LOGIT_SCALE):
+        vision_cfg = vision_cfg if isinstance(vision_cfg, PEConfig) else PEConfig(**vision_cfg)
+        text_cfg = text_cfg if isinstance(text_cfg, PETextConfig) else PETextConfig(**text_cfg)
+        super().__init__(**asdict(text_cfg))
+        self.visual = VisionTransformer(**asdict(vision_cfg))
+        self.logit_scale = nn.Parameter(torch.tensor(float(init_logit_scale)))
+        self.image_size = vision_cfg.image_size
+
+    @classmethod
+    def from_config(cls, name, checkpoint_path=None, **load_kwargs):
+        """A named PE-Core CLIP model; weights from `checkpoint_path` (an official .pt or ours) if given."""
+        if name not in TEXT_CONFIGS:
+            raise ValueError(f"{name!r} is not a CLIP model; CLIP models: {', '.join(TEXT_CONFIGS)}")
+        model = cls(VISION_CONFIGS[name], TEXT_CONFIGS[name])
+        if checkpoint_path is not None:
+            load_checkpoint(model, checkpoint_path, **load_kwargs)
+        return model
+
+    def encode_image(self, image, normalize=False):
+        x = self.visual(image)
+        return F.normalize(x, dim=-1) if normalize else x
+
+    def encode_video(self, video, normalize=False):
+        """Video (B, T, 3, H, W) -> (B, D): the mean of its frames' embeddings (§2.2). normalize=True
+        averages the normalised frame embeddings and does not renormalise the mean (official semantics)."""
+        batch, frames = video.shape[:2]
+        x = self.encode_image(video.flatten(0, 1), normalize=normalize)  # (B*T, D)
+        return x.unflatten(0, (batch, frames)).mean(dim=1)
+
+    def forward(self, image=None, text=None):
+        image_features = self.encode_image(image, normalize=True) if image is not None else None
+        text_features = self.encode_text(text, normalize=True) if text is not None else None
+        return image_features, text_features, self.logit_scale.exp()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Building and loading.
+
+
+def build_model(name_or_config):
+    """A model from an official name ("PE-Core-L14-336", "PE-Spatial-B16-512", ...) or a config dict in the
+    fixture / checkpoint format ({"model_class", "vision_cfg", "text_cfg", "init_logit_scale"})."""
+    config = model_config(name_or_config) if isinstance(name_or_config, str) else name_or_config
+    if not isinstance(config, dict) or "vision_cfg" not in config:
+        raise ValueError("a model config is a dict with 'model_class' and 'vision_cfg' (and 'text_cfg' for CLIP)")
+    vision_cfg = {f.name: config["vision_cfg"][f.name] for f in fields(PEConfig) if f.name in config["vision_cfg"]}
+    model_class = config.get("model_class", "CLIP" if "text_cfg" in config else "VisionTransformer")
+    if model_class == "CLIP":
+        return CLIP(vision_cfg, config["text_cfg"], config.get("init_logit_scale", INIT_LOGIT_SCALE))
+    if model_class == "VisionTransformer":
+        return VisionTransformer(**vision_cfg)
+    raise ValueError(f"model_class must be 'CLIP' or 'VisionTransformer', not {model_class!r}")
+
+
+def get_config(model):
+    """The config dict of a built model (what build_model takes back; saved inside our checkpoints)."""
+    if isinstance(model, CLIP):
+        return {"model_class": "CLIP", "vision_cfg": asdict(model.visual.config),
+                "text_cfg": asdict(model.text_config), "init_logit_scale": INIT_LOGIT_SCALE}
+    return {"model_class": "VisionTransformer", "vision_cfg": asdict(model.config)}
+
+
+class CheckpointMismatchError(ValueError):
+    """A checkpoint does not fit the model: lists every missing, unexpected and wrongly-shaped key."""
+
+
+def read_state_dict(source):
+    """A state dict from a path or a dict: official .pt files (bare, or wrapped in "state_dict" / "weights"),
+    our checkpoints ("model"), DDP's "module." prefix stripped. Always torch.load(weights_only=True)."""
+    if isinstance(source, (str, os.PathLike)):
+        if not os.path.isfile(source):
+            raise FileNotFoundError(f"checkpoint {source} does not exist")
+        try:
+            source = torch.load(source, map_location="cpu", weights_only=True)
+        except Exception as error:
+            raise ValueError(f"checkpoint {source}: cannot be read as a torch checkpoint ({error})") from error
+    state_dict = source
+    for wrapper in ("state_dict", "weights", "model"):
+        if isinstance(state_dict, dict) and isinstance(state_dict.get(wrapper), dict):
+            state_dict = state_dict[wrapper]
+            break
+    if not isinstance(state_dict, dict) or not all(isinstance(v, torch.Tensor) for v in state_dict.values()):
+        raise ValueError("checkpoint holds no state dict of tensors (looked at the top level and under "
+                         "'state_dict', 'weights' and 'model')")
+    return {k.replace("module.", ""): v for k, v in state_dict.items()}
+
+
+def load_checkpoint(model, source, strict=True, truncate=False, drop_head=False, name=None):
+    """Load official-layout weights into `model`; return the model.
+
+    source: a path or a state dict. A full CLIP checkpoint loads into a bare VisionTransformer (its `visual.`
+    keys are taken). truncate=True drops blocks the model does not have (PE-Lang towers keep the first N
+    blocks of a Core checkpoint); drop_head=True drops ln_post / attn_pool / proj weights the model does not
+    have (a Core checkpoint into a Lang- or Spatial-style tower). Otherwise any mismatch raises one
+    CheckpointMismatchError listing the missing, unexpected and wrongly-shaped keys (the official loader
+    silently ignores them). strict=False loads what fits and returns the model all the same."""
+    label = name or (str(source) if isinstance(source, (str, os.PathLike)) else "state dict")
+    state_dict = read_state_dict(source)
+    if isinstance(model, VisionTransformer) and any(k.startswith("visual.") for k in state_dict):
+        state_dict = {k[len("visual."):]: v for k, v in state_dict.items() if k.startswith("visual.")}
+    own = model.state_dict()
+    prefix = "visual." if isinstance(model, CLIP) else ""
+    if truncate:
+        block = re.compile(rf"^{re.escape(prefix)}transformer\.resblocks\.(\d+)\.")
+        depth = len((model.visual if isinstance(model, CLIP) else model).transformer.resblocks)
+        state_dict = {k: v for k, v in state_dict.items()
+                      if not (block.match(k) and int(block.match(k).group(1)) >= depth)}
+    head = tuple(prefix + h for h in ("ln_post.", "attn_pool.", "proj"))
+    if drop_head:
+        state_dict = {k: v for k, v in state_dict.items() if k in own or not k.startswith(head)}
+    missing = sorted(set(own) - set(state_dict))
+    unexpected = sorted(set(state_dict) - set(own))
+    wrong_shape = sorted(f"{k}: checkpoint {tuple(state_dict[k].shape)} vs model {tuple(own[k].shape)}"
+                         for k in set(own) & set(state_dict) if state_dict[k].shape != own[k].shape)
+    if strict and (missing or unexpected or wrong_shape):
+        lines = [f"checkpoint {label} does not match the model:"]
+        for title, keys in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong_shape)):
+            if keys:
+                shown = ", ".join(keys[:20]) + (f", ... ({len(keys)} in all)" if len(keys) > 20 else "")
+                lines.append(f"  {title} keys ({len(keys)}): {shown}")
+        if any(".resblocks." in k for k in unexpected) and not truncate:
+            lines.append("  (a deeper checkpoint into a truncated tower: pass truncate=True)")
+        if any(k.startswith(head) for k in unexpected):
+            lines.append("  (head weights the tower does not have: pass drop_head=True)")
+        lines.append("  is the model config the checkpoint's? Known configs: " + ", ".join(VISION_CONFIGS))
+        raise CheckpointMismatchError("\n".join(lines))
+    fitting = {k: v for k, v in state_dict.items() if k in own and v.shape == own[k].shape}
+    model.load_state_dict(fitting, strict=False)
+    return model
+
+
+def save_checkpoint(obj, path):
+    """torch.save to a temporary file in the same folder, then rename: a crash never leaves a half-written
+    checkpoint under the final name."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    temporary = os.path.join(folder, f".{os.path.basename(path)}.tmp{os.getpid()}")
+    try:
+        torch.save(obj, temporary)
+        os.replace(temporary, path)
+    finally:
+        if os.path.exists(temporary):
+            os.remove(temporary)
+
+
+def load_model(checkpoint=None, name=None):
+    """Build and load a model for evaluation or further training: from one of our checkpoints (it stores its
+    config), or an official .pt with its official `name` (official files store no config)."""
+    if checkpoint is None:
+        if name is None:
+            raise ValueError("give a checkpoint path, a model name, or both")
+        return build_model(name)
+    blob = torch.load(checkpoint, map_location="cpu", weights_only=True) if isinstance(checkpoint, (str, os.PathLike)) \
+        else checkpoint
+    config = blob.get("config") if isinstance(blob, dict) and isinstance(blob.get("config"), dict) else None
+    if name is not None:
+        config = model_config(name)
+    if config is None:
+        raise ValueError(f"checkpoint {checkpoint} stores no model config (an official file?): "
+                         f"name the model, e.g. --model=PE-Core-B16-224")
+    model = build_model(config)
+    return load_checkpoint(model, blob, name=str(checkpoint))

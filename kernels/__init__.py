@@ -1,0 +1,1 @@
+"""Triton kernels, each beside its pure-PyTorch reference (the CPU path and the test oracle)."""

@@ -35,7 +35,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from kernels.rope_attention import rope_attention
+from kernels.rope_attention import rope_angles_2d, rope_attention
 
 # ---------------------------------------------------------------------------------------------------------
 # Configs. Field names are the official PEConfig / PETextConfig constructor arguments, so a config dict from
@@ -285,24 +285,8 @@ def sample_frame_indices(total_frames, num_frames=8):
 # 2D RoPE (pe_architecture.md §2). Each head dim pair (2i, 2i+1) is rotated by one angle: the first half of
 # the head dims by column index × frequency, the second half by row index × frequency. head_dim / 4
 # frequencies per axis, 10000^(-4j / head_dim). With a class token the grid positions start at 1 and the
-# class token (sequence position 0) gets angle 0, i.e. it is not rotated.
-
-
-def rope_2d_angles(grid_h, grid_w, head_dim, use_cls_token, theta=10000.0):
-    """(N, head_dim) float32 angle table in the official layout, N = grid_h * grid_w (+1 with a cls token)."""
-    axis_dim = head_dim // 2
-    freqs = 1.0 / (theta ** (torch.arange(0, axis_dim, 2)[: axis_dim // 2].float() / axis_dim))  # (hd/4,)
-    offset = 1 if use_cls_token else 0
-    rows = torch.arange(grid_h, dtype=torch.float32) + offset
-    cols = torch.arange(grid_w, dtype=torch.float32) + offset
-    col_angles = (cols[:, None] * freqs).repeat_interleave(2, dim=-1)  # (gw, hd/2): pairs share an angle
-    row_angles = (rows[:, None] * freqs).repeat_interleave(2, dim=-1)  # (gh, hd/2)
-    angles = torch.cat([col_angles[None, :, :].expand(grid_h, -1, -1),
-                        row_angles[:, None, :].expand(-1, grid_w, -1)], dim=-1)  # (gh, gw, hd)
-    angles = angles.reshape(grid_h * grid_w, head_dim)  # row-major, as the patch tokens
-    if use_cls_token:
-        angles = torch.cat([angles.new_zeros(1, head_dim), angles])
-    return angles
+# class token (sequence position 0) gets angle 0, i.e. it is not rotated. The angle table is built by
+# kernels/rope_attention.rope_angles_2d (beside the kernels that consume it), once per forward, so any grid works.
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -508,7 +492,7 @@ class VisionTransformer(nn.Module):
             x = x + self.interpolated_posemb(grid_h, grid_w).to(x.dtype)
         angles = None
         if self.use_rope2d:
-            angles = rope_2d_angles(grid_h, grid_w, self.width // self.heads, self.use_cls_token).to(x.device)
+            angles = rope_angles_2d(grid_h, grid_w, self.width // self.heads, self.use_cls_token).to(x.device)
         return self.ln_pre(x), angles
 
     def _finish(self, x, norm, strip_cls_token):

@@ -1,0 +1,435 @@
+"""Fused 2D-RoPE attention: softmax(rot(q) rot(k)^T / sqrt(D)) v in one Triton kernel, forward and backward.
+
+Every block of PE's vision tower rotates q and k with 2D RoPE and then runs attention (pe_architecture.md
+§1-§2). Done separately, the rotation is an extra pass over memory that writes rotated copies of q and k
+and reads them back. Here the rotation happens inside a flash-attention kernel, in registers.
+
+    rope_attention(q, k, v, angles)            q, k, v (B, H, N, D); angles (N, D) float32 -> (B, H, N, D)
+    rope_attention_reference(q, k, v, angles)  the same in plain PyTorch: rope_apply, then SDPA (CPU path)
+    rope_attention_triton(q, k, v, angles)     the Triton kernels behind an autograd.Function
+    rope_apply(x, angles)                      the rotation itself, x (..., N, D) -> same shape and dtype
+    rope_angles_2d(grid_h, grid_w, head_dim, use_cls_token)   the official (N, D) angle table
+
+`rope_attention` runs the Triton kernels for CUDA tensors and when TRITON_INTERPRET=1 (Triton's CPU
+interpreter, used by the tests), the reference otherwise.
+Tests: python -m pytest -q tests/test_rope_attention.py    Benchmark: python bench/rope_attention.py
+
+The rotation (official convention, pe_architecture.md §2). Adjacent pairs (2i, 2i+1) share one angle a_i:
+    out[2i]   = t[2i]   cos a_i - t[2i+1] sin a_i
+    out[2i+1] = t[2i+1] cos a_i + t[2i]   sin a_i
+i.e. each pair is the complex number t[2i] + i t[2i+1] multiplied by exp(i a_i). It is computed in float32
+and the result cast back to the input dtype, as the official code does. The first half of D holds column
+angles x f_j, the second half row angles y f_j, f_j = 10000^(-4j/D); a class token has a row of zeros.
+
+Where the rotation happens. The wrapper turns the (N, D) angle table into cos and sin tables of shape
+(N, D/2) (one angle per pair; the kernels read column 2i of `angles`). Each kernel loads a (rows, D) tile
+of q or k, views it as (rows, D/2, 2) and splits it into its even and odd halves, rotates them with the
+matching (rows, D/2) cos/sin tiles in float32, joins them back and casts to the input dtype before the
+tl.dot, so the tensor cores see exactly the operands rotate-then-attend would give them.
+  * forward: one program per (query block, batch*head). rot(q) once; the loop over key blocks rotates
+    each k tile, then the usual online softmax (running max m, running sum l, exp2 with log2(e) folded
+    into the scale). Stores O and the log-sum-exp LSE = m + log2(l) (base 2, float32, (B*H, N)).
+  * backward, dq kernel: one program per query block; computes Delta = rowsum(dO * O) for its rows and
+    stores it, then loops over key blocks recomputing P = exp2(S - LSE) and accumulates
+    d rot(q) = scale * dS rot(k), dS = P * (dO v^T - Delta).
+  * backward, dk/dv kernel (launched after the dq kernel, reads its Delta): one program per key block,
+    loops over query blocks: dv += P^T dO, d rot(k) += scale * dS^T rot(q).
+  * The gradient with respect to the unrotated input is the inverse rotation (angle -a) of the gradient
+    with respect to the rotated one, because the rotation is orthogonal: dq = rot(d rot(q), -angles).
+    It is applied once, in registers, before dq and dk are stored.
+Saved for backward: q, k, v (unrotated, input dtype, the caller's tensors or views: a fused qkv
+projection split into (B, H, N, D) views is read in place through its strides, not copied), O, LSE
+(float32, B*H*N) and the two (N, D/2) float32 cos/sin tables: no rotated copy of q or k is ever kept.
+Angles get no gradient.
+Rows beyond N (N need not be a multiple of the block) are masked on load and store; key columns beyond N
+get score -inf (forward) or probability 0 (backward). A head dim that is not a power of two (96 for
+PE-G) is padded to the next one (BLOCK_D = 128) with masked loads: the padded columns are zero and add
+nothing to any dot product.
+
+Bytes moved (s bytes per element, T = B*H*N*D elements per tensor, ignoring the (N, D) tables and the
+re-reads of q/k/v tiles that any flash kernel does from L2):
+  forward   rotate-then-attend: rope reads q, k and writes rot(q), rot(k) (4 T s), attention reads rot(q),
+            rot(k), v and writes O (4 T s)  -> 8 T s.    fused: reads q, k, v, writes O -> 4 T s.
+  backward  rotate-then-attend: attention reads rot(q), rot(k), v, O, dO and writes d rot(q), d rot(k), dv
+            (8 T s), then the rope backward reads d rot(q), d rot(k), writes dq, dk (4 T s) -> 12 T s.
+            fused: reads q, k, v, O, dO, writes dq, dk, dv -> 8 T s.
+  So rotate-then-attend moves 4 T s more in each direction (8 T s per training step) and keeps rot(q),
+  rot(k) alive for the backward (2 T s of activation memory per block).
+  Worked number, ViT-L-like B=32, H=16, N=577, D=64, bf16: T = 32*16*577*64 = 18,907,136 elements,
+  T s = 37.8 MB. Forward 302.5 MB vs 151.3 MB; forward+backward 756.3 MB vs 453.8 MB (302.5 MB saved per
+  block per step, about 90 us at the H100's 3.35 TB/s), plus 75.6 MB less saved activation per block.
+  (PyTorch's rope in eager mode is several elementwise kernels with float32 temporaries, so the real
+  rotate-then-attend traffic is higher than this count.)
+"""
+
+import math
+import os
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+from triton.runtime.interpreter import InterpretedFunction
+
+
+# ---------------------------------------------------------------------------------------------------
+# Reference (plain PyTorch): the CPU path, the readable statement of what the kernels compute.
+
+def rope_angles_2d(grid_h, grid_w, head_dim, use_cls_token, theta=10000.0):
+    """The official 2D-RoPE angle table (pe_architecture.md §2), shape (N, head_dim) float32.
+
+    N = grid_h * grid_w (+1 with a class token, placed first with angle 0). Tokens are the patch grid in
+    row-major order. Grid indices start at 1 with a class token and at 0 without one (official quirk).
+    """
+    if head_dim % 4 != 0:
+        raise ValueError(f"rope_angles_2d: head_dim={head_dim} must be a multiple of 4 (two axes, pairs)")
+    # head_dim/4 frequencies per axis: theta^(-2j / (head_dim/2)) = theta^(-4j / head_dim) (not 1D RoPE's)
+    freqs = theta ** (-torch.arange(0, head_dim // 4, dtype=torch.float32) * 4 / head_dim)
+    start = 1 if use_cls_token else 0
+    y, x = torch.meshgrid(torch.arange(grid_h, dtype=torch.float32) + start,
+                          torch.arange(grid_w, dtype=torch.float32) + start, indexing="ij")
+    x_angles = x.reshape(-1, 1) * freqs  # (gh*gw, head_dim/4): column index times each frequency
+    y_angles = y.reshape(-1, 1) * freqs
+    # each angle twice (interleaved pairs); column angles fill the first half of the head dim, rows the second
+    angles = torch.cat([x_angles.repeat_interleave(2, dim=-1), y_angles.repeat_interleave(2, dim=-1)], dim=-1)
+    if use_cls_token:
+        angles = torch.cat([torch.zeros(1, head_dim), angles], dim=0)  # (N, head_dim), class row = identity
+    return angles
+
+
+def rope_apply(x, angles):
+    """Rotate adjacent pairs (2i, 2i+1) of x (..., N, D) by angles (N, D); float32 math, x's dtype out."""
+    if angles.dim() != 2 or x.dim() < 2 or tuple(angles.shape) != tuple(x.shape[-2:]):
+        raise ValueError(f"rope_apply: angles of shape {tuple(angles.shape)} must be (N, D) = "
+                         f"{tuple(x.shape[-2:])}, the last two dims of x")
+    x32 = x.float()
+    pairs = x32.unflatten(-1, (-1, 2))  # (..., N, D) -> (..., N, D/2, 2)
+    # the partner of each element with the sign of the rotation: (t0, t1) -> (-t1, t0)
+    partner = torch.stack((-pairs[..., 1], pairs[..., 0]), dim=-1).flatten(-2)  # (..., N, D)
+    angles = angles.float()
+    return (x32 * angles.cos() + partner * angles.sin()).to(x.dtype)
+
+
+def rope_attention_reference(q, k, v, angles):
+    """softmax(rot(q) rot(k)^T / sqrt(D)) v with the rotation done first, in plain PyTorch."""
+    return F.scaled_dot_product_attention(rope_apply(q, angles), rope_apply(k, angles), v)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Triton kernels. program_id(1) is the batch*head index. q, k, v (and dO) are read with the caller's
+# (batch, head, row) strides, the last one being 1, so views of a fused qkv projection need no copy;
+# O, dq, dk, dv are written contiguous (B, H, N, D). The cos/sin tables are (N, D/2) float32.
+# DOT_DTYPE is the operand type of tl.dot: the input dtype on a GPU; float32 under the interpreter, whose
+# tl.dot cannot multiply bfloat16 (Triton 3.9 keeps bfloat16 as raw uint16 there). The operands are still
+# rounded to the input dtype first, so the products are those the tensor cores would form (up to the
+# rounding mode: the interpreter truncates to bfloat16, a GPU rounds to nearest even).
+
+@triton.jit
+def _load_rows(PTR, offs_rows, mask_rows, offs_cols, mask_cols, row_stride):
+    """A (rows, cols) tile of a matrix with unit column stride; zeros outside the masks."""
+    return tl.load(PTR + offs_rows[:, None] * row_stride + offs_cols[None, :],
+                   mask=mask_rows[:, None] & mask_cols[None, :], other=0.0)
+
+
+@triton.jit
+def _rotate_pairs(x, cos, sin, ROWS: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Rotate the pairs (2i, 2i+1) of x (ROWS, BLOCK_D) by the angles of cos, sin (ROWS, BLOCK_D/2).
+
+    Float32 result. Passing -sin rotates by -angle: the inverse rotation, used on the gradients.
+    """
+    even, odd = tl.split(tl.reshape(x.to(tl.float32), (ROWS, BLOCK_D // 2, 2)))  # (ROWS, BLOCK_D/2) each
+    return tl.reshape(tl.join(even * cos - odd * sin, odd * cos + even * sin), (ROWS, BLOCK_D))
+
+
+@triton.jit
+def _rope_attn_fwd_kernel(Q, K, V, COS, SIN, O, LSE, stride_z, stride_h, stride_n, H, N, qk_scale,
+                          HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                          DOT_PRECISION: tl.constexpr, DOT_DTYPE: tl.constexpr):
+    bh = tl.program_id(1).to(tl.int64)
+    base = (bh // H) * stride_z + (bh % H) * stride_h  # this (batch, head) in q, k, v
+    out_base = bh * N * HEAD_DIM  # ... and in the contiguous O
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_p = tl.arange(0, BLOCK_D // 2)  # pair index
+    mask_m, mask_d, mask_p = offs_m < N, offs_d < HEAD_DIM, offs_p < HEAD_DIM // 2
+
+    # rot(q) for this query block, rounded to the input dtype like rotate-then-attend would
+    q = _load_rows(Q + base, offs_m, mask_m, offs_d, mask_d, stride_n)
+    cos_m = _load_rows(COS, offs_m, mask_m, offs_p, mask_p, HEAD_DIM // 2)
+    sin_m = _load_rows(SIN, offs_m, mask_m, offs_p, mask_p, HEAD_DIM // 2)
+    q = _rotate_pairs(q, cos_m, sin_m, BLOCK_M, BLOCK_D).to(Q.dtype.element_ty).to(DOT_DTYPE)
+
+    m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)  # running row max (log2 units)
+    l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)  # running row sum of exp2(s - m_i)
+    acc = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
+    for start_n in range(0, N, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        mask_n = offs_n < N
+        k = _load_rows(K + base, offs_n, mask_n, offs_d, mask_d, stride_n)
+        v = _load_rows(V + base, offs_n, mask_n, offs_d, mask_d, stride_n).to(DOT_DTYPE)
+        cos = _load_rows(COS, offs_n, mask_n, offs_p, mask_p, HEAD_DIM // 2)
+        sin = _load_rows(SIN, offs_n, mask_n, offs_p, mask_p, HEAD_DIM // 2)
+        k = _rotate_pairs(k, cos, sin, BLOCK_N, BLOCK_D).to(K.dtype.element_ty).to(DOT_DTYPE)
+
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale  # (BLOCK_M, BLOCK_N), log2 units
+        s = tl.where(mask_n[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        alpha = tl.exp2(m_i - m_new)  # rescales what was accumulated under the old max
+        p = tl.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(V.dtype.element_ty).to(DOT_DTYPE), v, input_precision=DOT_PRECISION)
+        m_i = m_new
+
+    acc = acc / l_i[:, None]
+    tl.store(O + out_base + offs_m[:, None] * HEAD_DIM + offs_d[None, :], acc.to(O.dtype.element_ty),
+             mask=mask_m[:, None] & mask_d[None, :])
+    tl.store(LSE + bh * N + offs_m, m_i + tl.log2(l_i), mask=mask_m)
+
+
+@triton.jit
+def _rope_attn_bwd_dq_kernel(Q, K, V, COS, SIN, O, DO, LSE, DELTA, DQ, stride_z, stride_h, stride_n,
+                             stride_doz, stride_doh, stride_don, H, N, qk_scale, sm_scale,
+                             HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                             BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr, DOT_DTYPE: tl.constexpr):
+    bh = tl.program_id(1).to(tl.int64)
+    base = (bh // H) * stride_z + (bh % H) * stride_h  # q, k, v: the caller's layout
+    do_base = (bh // H) * stride_doz + (bh % H) * stride_doh
+    out_base = bh * N * HEAD_DIM  # O and DQ: contiguous
+    row_base = bh * N  # LSE and Delta
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_p = tl.arange(0, BLOCK_D // 2)
+    mask_m, mask_d, mask_p = offs_m < N, offs_d < HEAD_DIM, offs_p < HEAD_DIM // 2
+
+    q = _load_rows(Q + base, offs_m, mask_m, offs_d, mask_d, stride_n)
+    cos_m = _load_rows(COS, offs_m, mask_m, offs_p, mask_p, HEAD_DIM // 2)
+    sin_m = _load_rows(SIN, offs_m, mask_m, offs_p, mask_p, HEAD_DIM // 2)
+    q = _rotate_pairs(q, cos_m, sin_m, BLOCK_M, BLOCK_D).to(Q.dtype.element_ty).to(DOT_DTYPE)
+    do = _load_rows(DO + do_base, offs_m, mask_m, offs_d, mask_d, stride_don).to(DOT_DTYPE)
+    o = _load_rows(O + out_base, offs_m, mask_m, offs_d, mask_d, HEAD_DIM)
+    delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)  # Delta_i = sum_j P_ij dP_ij = dO_i . O_i
+    tl.store(DELTA + row_base + offs_m, delta, mask=mask_m)
+    lse = tl.load(LSE + row_base + offs_m, mask=mask_m, other=0.0)
+
+    dq = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
+    for start_n in range(0, N, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        mask_n = offs_n < N
+        k = _load_rows(K + base, offs_n, mask_n, offs_d, mask_d, stride_n)
+        v = _load_rows(V + base, offs_n, mask_n, offs_d, mask_d, stride_n).to(DOT_DTYPE)
+        cos = _load_rows(COS, offs_n, mask_n, offs_p, mask_p, HEAD_DIM // 2)
+        sin = _load_rows(SIN, offs_n, mask_n, offs_p, mask_p, HEAD_DIM // 2)
+        k = _rotate_pairs(k, cos, sin, BLOCK_N, BLOCK_D).to(K.dtype.element_ty).to(DOT_DTYPE)
+
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale  # (BLOCK_M, BLOCK_N)
+        p = tl.where(mask_n[None, :], tl.exp2(s - lse[:, None]), 0.0)  # the forward's probabilities
+        dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
+        ds = p * (dp - delta[:, None])  # softmax backward
+        dq += tl.dot(ds.to(K.dtype.element_ty).to(DOT_DTYPE), k, input_precision=DOT_PRECISION)
+
+    # d rot(q) -> dq: rotate back by -angle (the rotation is orthogonal, its inverse is its transpose).
+    # The cos/sin tiles are loaded again (from cache) rather than kept in registers through the loop.
+    cos_m = _load_rows(COS, offs_m, mask_m, offs_p, mask_p, HEAD_DIM // 2)
+    sin_m = _load_rows(SIN, offs_m, mask_m, offs_p, mask_p, HEAD_DIM // 2)
+    dq = _rotate_pairs(dq * sm_scale, cos_m, -sin_m, BLOCK_M, BLOCK_D)
+    tl.store(DQ + out_base + offs_m[:, None] * HEAD_DIM + offs_d[None, :], dq.to(DQ.dtype.element_ty),
+             mask=mask_m[:, None] & mask_d[None, :])
+
+
+@triton.jit
+def _rope_attn_bwd_dkdv_kernel(Q, K, V, COS, SIN, DO, LSE, DELTA, DK, DV, stride_z, stride_h, stride_n,
+                               stride_doz, stride_doh, stride_don, H, N, qk_scale, sm_scale,
+                               HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                               BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr, DOT_DTYPE: tl.constexpr):
+    bh = tl.program_id(1).to(tl.int64)
+    base = (bh // H) * stride_z + (bh % H) * stride_h  # q, k, v: the caller's layout
+    do_base = (bh // H) * stride_doz + (bh % H) * stride_doh
+    out_base = bh * N * HEAD_DIM  # DK and DV: contiguous
+    row_base = bh * N  # LSE and Delta
+    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_p = tl.arange(0, BLOCK_D // 2)
+    mask_n, mask_d, mask_p = offs_n < N, offs_d < HEAD_DIM, offs_p < HEAD_DIM // 2
+
+    k = _load_rows(K + base, offs_n, mask_n, offs_d, mask_d, stride_n)
+    v = _load_rows(V + base, offs_n, mask_n, offs_d, mask_d, stride_n).to(DOT_DTYPE)
+    cos_n = _load_rows(COS, offs_n, mask_n, offs_p, mask_p, HEAD_DIM // 2)
+    sin_n = _load_rows(SIN, offs_n, mask_n, offs_p, mask_p, HEAD_DIM // 2)
+    k = _rotate_pairs(k, cos_n, sin_n, BLOCK_N, BLOCK_D).to(K.dtype.element_ty).to(DOT_DTYPE)
+
+    dk = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
+    dv = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
+    for start_m in range(0, N, BLOCK_M):
+        offs_m = start_m + tl.arange(0, BLOCK_M)
+        mask_m = offs_m < N
+        q = _load_rows(Q + base, offs_m, mask_m, offs_d, mask_d, stride_n)
+        do = _load_rows(DO + do_base, offs_m, mask_m, offs_d, mask_d, stride_don).to(DOT_DTYPE)
+        cos = _load_rows(COS, offs_m, mask_m, offs_p, mask_p, HEAD_DIM // 2)
+        sin = _load_rows(SIN, offs_m, mask_m, offs_p, mask_p, HEAD_DIM // 2)
+        q = _rotate_pairs(q, cos, sin, BLOCK_M, BLOCK_D).to(Q.dtype.element_ty).to(DOT_DTYPE)
+        lse = tl.load(LSE + row_base + offs_m, mask=mask_m, other=0.0)
+        delta = tl.load(DELTA + row_base + offs_m, mask=mask_m, other=0.0)
+
+        # transposed scores: rows are this program's keys, columns the query block
+        s_t = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION) * qk_scale  # (BLOCK_N, BLOCK_M)
+        p_t = tl.where(mask_m[None, :], tl.exp2(s_t - lse[None, :]), 0.0)
+        dv += tl.dot(p_t.to(DO.dtype.element_ty).to(DOT_DTYPE), do, input_precision=DOT_PRECISION)
+        dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
+        ds_t = p_t * (dp_t - delta[None, :])
+        dk += tl.dot(ds_t.to(Q.dtype.element_ty).to(DOT_DTYPE), q, input_precision=DOT_PRECISION)
+
+    # d rot(k) -> dk: rotate back by -angle (cos/sin loaded again rather than kept live through the loop)
+    cos_n = _load_rows(COS, offs_n, mask_n, offs_p, mask_p, HEAD_DIM // 2)
+    sin_n = _load_rows(SIN, offs_n, mask_n, offs_p, mask_p, HEAD_DIM // 2)
+    dk = _rotate_pairs(dk * sm_scale, cos_n, -sin_n, BLOCK_N, BLOCK_D)
+    tile_n = mask_n[:, None] & mask_d[None, :]
+    tl.store(DK + out_base + offs_n[:, None] * HEAD_DIM + offs_d[None, :], dk.to(DK.dtype.element_ty), mask=tile_n)
+    tl.store(DV + out_base + offs_n[:, None] * HEAD_DIM + offs_d[None, :], dv.to(DV.dtype.element_ty), mask=tile_n)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Launching. The head dim is a compile-time constant (one compilation per head dim: masks on it fold
+# away and loads vectorise). On a GPU each kernel is autotuned over a few tile shapes, keyed on N and the
+# head dim; configs that run out of shared memory are skipped by the autotuner. Under the interpreter the
+# tile shape is fixed: autotuning would only multiply the (slow) interpreted runs.
+
+# (BLOCK_M, BLOCK_N, num_warps, num_stages). Chosen from ahead-of-time compilations for sm_90 (Triton 3.9,
+# no GPU at hand, not timed): all fit an H100's shared memory; at head dim 64 none spills registers, at 96
+# a few spill 100-300 bytes (see bench/RESULTS.md).
+# Forward: a tall query block, the keys stream through.
+_FWD_CONFIGS = [(128, 64, 4, 3), (128, 64, 8, 3), (128, 32, 4, 3), (64, 64, 4, 3), (128, 128, 8, 2), (64, 32, 4, 2)]
+# dq: programs own BLOCK_M query rows. dk/dv: programs own BLOCK_N key rows and hold two accumulators.
+_DQ_CONFIGS = [(64, 64, 4, 2), (64, 64, 8, 3), (128, 64, 8, 2), (64, 128, 8, 2), (32, 64, 4, 2)]
+_DKDV_CONFIGS = [(64, 64, 8, 3), (32, 64, 8, 2), (32, 64, 8, 3), (32, 128, 8, 2), (32, 64, 4, 2), (32, 32, 4, 2)]
+# float32 (true fp32 products on CUDA cores: the exact path, not the fast one) needs small tiles
+_FWD_CONFIGS_FP32 = [(32, 32, 8, 2), (16, 32, 4, 2)]
+_DQ_CONFIGS_FP32 = [(32, 32, 8, 2), (16, 32, 4, 2)]
+_DKDV_CONFIGS_FP32 = [(32, 32, 8, 2), (32, 16, 4, 2)]
+_INTERPRETER_BLOCK_M = 128
+_launchers = {}
+_TL_DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
+
+
+def _interpreting():
+    """Whether the caller asked for Triton's CPU interpreter (the dispatch rule of rope_attention)."""
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def _interpreted():
+    """Whether the kernels run on the interpreter. Triton 3.x decides inside @triton.jit, for its own tl.*
+    library too, i.e. when triton is first imported: setting TRITON_INTERPRET later has no effect."""
+    return isinstance(_rope_attn_fwd_kernel, InterpretedFunction)
+
+
+def _launcher(kernel, configs):
+    """The callable to launch `kernel` with: as it is under the interpreter, else autotuned for the GPU."""
+    if _interpreted():
+        return kernel
+    key = (kernel, tuple(configs))
+    if key not in _launchers:
+        tuning = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=warps, num_stages=stages)
+                  for bm, bn, warps, stages in configs]
+        _launchers[key] = triton.autotune(configs=tuning, key=["N", "HEAD_DIM"])(kernel)
+    return _launchers[key]
+
+
+def _blocks(N):
+    """Tile sizes under the interpreter: large tiles run fastest there; tl.dot needs at least 16; and
+    BLOCK_N = BLOCK_M / 2 (like most GPU configs) so that a mix-up of the two cannot pass the tests."""
+    block_m = min(_INTERPRETER_BLOCK_M, max(16, triton.next_power_of_2(N)))
+    return {"BLOCK_M": block_m, "BLOCK_N": max(16, block_m // 2)} if _interpreted() else {}
+
+
+def _check_inputs(q, k, v, angles):
+    if q.dim() != 4 or q.shape != k.shape or q.shape != v.shape:
+        raise ValueError(f"rope_attention: q, k, v must share one shape (B, H, N, D); got "
+                         f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+    if not (q.dtype == k.dtype == v.dtype) or q.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise ValueError(f"rope_attention: q, k, v must all be float32, float16 or bfloat16; got "
+                         f"{q.dtype}, {k.dtype}, {v.dtype}")
+    N, D = q.shape[-2:]
+    if D % 2 != 0 or not 16 <= D <= 128:
+        raise ValueError(f"rope_attention_triton: head dim {D} must be even and in [16, 128]; "
+                         "use rope_attention_reference for other sizes")
+    if tuple(angles.shape) != (N, D):
+        raise ValueError(f"rope_attention: angles of shape {tuple(angles.shape)} must be (N, D) = {(N, D)}")
+    if not (q.device == k.device == v.device == angles.device):
+        raise ValueError(f"rope_attention: q, k, v, angles on different devices: "
+                         f"{q.device}, {k.device}, {v.device}, {angles.device}")
+    if not (q.is_cuda or _interpreted()):
+        late = " (it is set, but only after triton was imported)" if _interpreting() else ""
+        raise RuntimeError(f"rope_attention_triton: {q.device} tensors need Triton's interpreter: set "
+                           f"TRITON_INTERPRET=1 in the environment before the first `import triton`{late}")
+
+
+def _unit_last_stride(*tensors):
+    """The tensors as they are if they share strides with a unit last stride (e.g. q, k, v as views of
+    one fused qkv projection: no copy), else contiguous copies."""
+    if all(t.stride() == tensors[0].stride() for t in tensors) and tensors[0].stride(-1) == 1:
+        return tensors
+    return tuple(t.contiguous() for t in tensors)
+
+
+class _RopeAttention(torch.autograd.Function):
+
+    @staticmethod
+    def forward(ctx, q, k, v, angles):
+        B, H, N, D = q.shape
+        q, k, v = _unit_last_stride(q, k, v)  # (B, H, N, D), rows of D contiguous
+        pair_angles = angles[:, 0::2].float().contiguous()  # (N, D/2): pairs share one angle
+        cos, sin = pair_angles.cos(), pair_angles.sin()
+        o = torch.empty(B, H, N, D, device=q.device, dtype=q.dtype)
+        lse = torch.empty(B * H, N, device=q.device, dtype=torch.float32)
+        sm_scale = 1.0 / math.sqrt(D)
+        dot_dtype = tl.float32 if _interpreted() else _TL_DTYPES[q.dtype]
+        # float32 operands: true float32 products (tf32 would miss the 1e-4 tolerance); the option is
+        # ignored for 16-bit operands, "tf32" being just the default there
+        precision = "ieee" if dot_dtype == tl.float32 else "tf32"
+        grid = lambda meta: (triton.cdiv(N, meta["BLOCK_M"]), B * H)
+        _launcher(_rope_attn_fwd_kernel, _FWD_CONFIGS if q.dtype != torch.float32 else _FWD_CONFIGS_FP32)[grid](
+            q, k, v, cos, sin, o, lse, q.stride(0), q.stride(1), q.stride(2), H, N,
+            sm_scale * 1.4426950408889634,  # log2(e): the kernels use exp2
+            HEAD_DIM=D, BLOCK_D=triton.next_power_of_2(D), DOT_PRECISION=precision, DOT_DTYPE=dot_dtype, **_blocks(N))
+        ctx.save_for_backward(q, k, v, o, lse, cos, sin)
+        ctx.sm_scale, ctx.dot_args = sm_scale, dict(DOT_PRECISION=precision, DOT_DTYPE=dot_dtype)
+        return o
+
+    @staticmethod
+    def backward(ctx, do):
+        q, k, v, o, lse, cos, sin = ctx.saved_tensors
+        B, H, N, D = q.shape
+        (do,) = _unit_last_stride(do)
+        dq, dk, dv = (torch.empty(B, H, N, D, device=q.device, dtype=q.dtype) for _ in range(3))
+        delta = torch.empty_like(lse)
+        args = dict(stride_z=q.stride(0), stride_h=q.stride(1), stride_n=q.stride(2), stride_doz=do.stride(0),
+                    stride_doh=do.stride(1), stride_don=do.stride(2), H=H, N=N,
+                    qk_scale=ctx.sm_scale * 1.4426950408889634, sm_scale=ctx.sm_scale,
+                    HEAD_DIM=D, BLOCK_D=triton.next_power_of_2(D), **ctx.dot_args, **_blocks(N))
+        fp32 = q.dtype == torch.float32
+        # the dq kernel also writes Delta = rowsum(dO * O), which the dk/dv kernel reads: launch it first
+        grid_m = lambda meta: (triton.cdiv(N, meta["BLOCK_M"]), B * H)
+        _launcher(_rope_attn_bwd_dq_kernel, _DQ_CONFIGS_FP32 if fp32 else _DQ_CONFIGS)[grid_m](
+            q, k, v, cos, sin, o, do, lse, delta, dq, **args)
+        grid_n = lambda meta: (triton.cdiv(N, meta["BLOCK_N"]), B * H)
+        _launcher(_rope_attn_bwd_dkdv_kernel, _DKDV_CONFIGS_FP32 if fp32 else _DKDV_CONFIGS)[grid_n](
+            q, k, v, cos, sin, do, lse, delta, dk, dv, **args)
+        return dq, dk, dv, None
+
+
+def rope_attention_triton(q, k, v, angles):
+    """Fused RoPE attention with the Triton kernels (CUDA tensors, or CPU tensors under TRITON_INTERPRET=1).
+
+    angles (N, D): the kernels read one angle per pair (column 2i), the official layout repeats it at 2i+1.
+    """
+    _check_inputs(q, k, v, angles)
+    return _RopeAttention.apply(q, k, v, angles)
+
+
+def rope_attention(q, k, v, angles):
+    """softmax(rot(q) rot(k)^T / sqrt(D)) v, q, k, v (B, H, N, D), angles (N, D) -> (B, H, N, D).
+
+    Triton kernels for CUDA tensors and under TRITON_INTERPRET=1, plain PyTorch otherwise.
+    """
+    if q.is_cuda or _interpreting():
+        return rope_attention_triton(q, k, v, angles)
+    return rope_attention_reference(q, k, v, angles)

@@ -1,0 +1,230 @@
+"""Tests of align_lang.py (language alignment): the Llama decoder (causal mask, RoPE, Meta's checkpoint format),
+the answer-only loss, the stages' frozen parts, the PE-Lang tower export and a short training run.
+Tiny configs throughout. Run: python -m pytest -q tests/test_align_lang.py"""
+
+import json
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import align_lang
+import pe_model
+
+TINY_CORE = {
+    "model_class": "CLIP",
+    "vision_cfg": {"patch_size": 8, "width": 32, "layers": 3, "heads": 2, "mlp_ratio": 2.0, "output_dim": 16,
+                   "image_size": 32, "use_cls_token": True},
+    "text_cfg": {"context_length": 32, "width": 32, "heads": 2, "layers": 1, "output_dim": 16},
+}
+
+
+def tiny_llama(seed=0, **overrides):
+    torch.manual_seed(seed)
+    args = dict(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=49408, multiple_of=16)
+    return align_lang.Llama(align_lang.LlamaArgs(**{**args, **overrides}))
+
+
+@pytest.fixture(scope="module")
+def core_checkpoint(tmp_path_factory):
+    """A PE-core CLIP checkpoint in our format (random weights), as train_clip.py writes them."""
+    torch.manual_seed(0)
+    model = pe_model.build_model(TINY_CORE)
+    path = str(tmp_path_factory.mktemp("core") / "core.pt")
+    pe_model.save_checkpoint({"model": model.state_dict(), "config": pe_model.get_config(model)}, path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return align_lang.ClipTokenizer()
+
+
+def tiny_vlm(core_checkpoint, layers=2, seed=0, vocab_size=49408):
+    state, vision_cfg = align_lang.read_core_checkpoint(core_checkpoint)
+    vision = align_lang.build_vision_tower(state, vision_cfg, layers)
+    lm = tiny_llama(seed, vocab_size=vocab_size)
+    return align_lang.VLM(vision, align_lang.MLPProjector(vision.width, lm.args.dim, 2), lm)
+
+
+def tiny_pool(num_images=6, seed=0):
+    """Single-emoji records over random images: enough for the question generator."""
+    generator = torch.Generator().manual_seed(seed)
+    names = ["dog face", "red apple", "sheep"]
+    records = [{"type": "single", "names": [names[i % 3]], "colour": None, "caption": f"an emoji of {names[i % 3]}"}
+               for i in range(num_images)]
+    return {"images": torch.randn(num_images, 3, 32, 32, generator=generator), "records": records,
+            "class_names": names}
+
+
+def test_decoder_output_ignores_later_tokens():
+    """Causal mask + RoPE: changing tokens from position 6 on leaves the logits of positions 0..5 unchanged
+    (and changes the later ones), with grouped-query attention."""
+    lm = tiny_llama(vocab_size=100).eval()
+    tokens = torch.randint(0, 100, (2, 10), generator=torch.Generator().manual_seed(1))
+    changed = tokens.clone()
+    changed[:, 6:] = (changed[:, 6:] + 17) % 100
+    with torch.no_grad():
+        before, after = lm(tokens), lm(changed)
+    torch.testing.assert_close(before[:, :6], after[:, :6], rtol=0, atol=1e-6)
+    assert (before[:, 6:] - after[:, 6:]).abs().max() > 1e-3
+
+
+def test_rope_scores_depend_on_relative_position_only():
+    """Llama RoPE: q.k after rotation depends on (m - n) only: shifting every position by 5 keeps the scores,
+    while the rotation does change them (it is not the identity)."""
+    generator = torch.Generator().manual_seed(0)
+    q, k = torch.randn(1, 2, 6, 16, generator=generator), torch.randn(1, 2, 6, 16, generator=generator)
+    angles = align_lang.llama_rope_angles(11, 16, theta=10000.0)  # positions 0..10
+    rotate = align_lang.rope_apply
+    scores = rotate(q, angles[:6]) @ rotate(k, angles[:6]).transpose(-1, -2)
+    shifted = rotate(q, angles[5:]) @ rotate(k, angles[5:]).transpose(-1, -2)
+    torch.testing.assert_close(scores, shifted, rtol=1e-5, atol=1e-5)
+    assert (scores - q @ k.transpose(-1, -2)).abs().max() > 1e-2
+
+
+def test_loss_ignores_prompt_tokens(core_checkpoint, tokenizer):
+    """encode_example puts targets on the answer (and EOS) only; answer_loss is the cross-entropy over exactly
+    those positions, and differs from the loss over every next token."""
+    ids, targets, cut = align_lang.encode_example(tokenizer, "what is in the image?", "dog face", 64)
+    prompt_length = 1 + len(tokenizer.encode("what is in the image?"))
+    assert not cut and len(ids) == len(targets)
+    assert targets[: prompt_length - 1] == [-100] * (prompt_length - 1) and targets[-1] == -100
+    assert targets[prompt_length - 1 : -1] == ids[prompt_length:]  # next token at each answer position
+
+    vlm = tiny_vlm(core_checkpoint).eval()
+    images = torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    input_ids, targets = torch.tensor([ids]), torch.tensor([targets])
+    with torch.no_grad():
+        loss = align_lang.answer_loss(vlm, input_ids, targets, vlm.encode_images(images))
+        logits = vlm(images, input_ids)[0]  # (L, vocab)
+    keep = targets[0] != -100
+    torch.testing.assert_close(loss, F.cross_entropy(logits[keep], targets[0][keep]), rtol=1e-5, atol=1e-5)
+    every_next = F.cross_entropy(logits[:-1], input_ids[0, 1:])
+    assert abs(loss.item() - every_next.item()) > 1e-3
+
+
+def test_compact_vocabulary_round_trips_known_words():
+    """A from-scratch LM's vocabulary: the CLIP ids of its texts, renumbered after pad/begin/end/unknown."""
+    vocab = align_lang.build_vocab(["is there a dog face?", "yes", "no"])
+    tokenizer = align_lang.ClipTokenizer(vocab)
+    assert vocab[:4] == [0, 49406, 49407, -1] and tokenizer.vocab_size == len(vocab) < 20
+    ids = tokenizer.encode("is there a dog face?")
+    assert min(ids) >= 4 and tokenizer.decode([tokenizer.bos_id] + ids + [tokenizer.eos_id]) == "is there a dog face ?"
+    assert tokenizer.encode("a cat face") == [tokenizer.to_lm[pe_model.get_tokenizer().encode("a")[0]],
+                                              tokenizer.unk_id, tokenizer.to_lm[pe_model.get_tokenizer().encode("face")[0]]]
+
+
+def test_stage1_leaves_vision_and_lm_unchanged(core_checkpoint):
+    pool = tiny_pool()
+    vocab = align_lang.build_vocab(align_lang.pool_texts(pool))
+    vlm = tiny_vlm(core_checkpoint, vocab_size=len(vocab))
+    before = {k: v.clone() for k, v in vlm.state_dict().items()}
+    cfg = align_lang.LangConfig(batch_size=4, warmup_steps=1, max_text_tokens=48)
+    align_lang.train_stage(vlm, pool, cfg, 1, 3, 1e-2, align_lang.ClipTokenizer(vocab), torch.device("cpu"))
+    after = vlm.state_dict()
+    for key in before:
+        changed = not torch.equal(before[key], after[key])
+        assert changed == key.startswith("projector."), f"{key}: changed={changed} in stage 1"
+
+
+def test_llama_checkpoint_round_trip(tmp_path):
+    """save_llama writes Meta's layout (params.json + consolidated.00.pth with Meta's key names); load_llama
+    reads it back exactly; a checkpoint without output.weight loads with tied embeddings."""
+    lm = tiny_llama(seed=3, use_scaled_rope=True, rope_scaling_factor=32.0).eval()
+    align_lang.save_llama(lm, str(tmp_path))
+    with open(tmp_path / "params.json") as f:
+        params = json.load(f)
+    assert params == {"dim": 32, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2, "vocab_size": 49408,
+                      "multiple_of": 16, "norm_eps": 1e-5, "rope_theta": 500000.0, "use_scaled_rope": True,
+                      "rope_scaling_factor": 32.0}
+    state = torch.load(tmp_path / "consolidated.00.pth", weights_only=True)
+    expected = {"tok_embeddings.weight", "norm.weight", "output.weight"} | {
+        f"layers.{i}.{name}.weight" for i in range(2)
+        for name in ("attention.wq", "attention.wk", "attention.wv", "attention.wo", "feed_forward.w1",
+                     "feed_forward.w2", "feed_forward.w3", "attention_norm", "ffn_norm")}
+    assert set(state) == expected
+    loaded = align_lang.load_llama(str(tmp_path)).eval()
+    assert loaded.args == lm.args
+    for key, value in lm.state_dict().items():
+        assert torch.equal(loaded.state_dict()[key], value), key
+    tokens = torch.randint(0, 49408, (1, 7), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(loaded(tokens), lm(tokens))
+
+    del state["output.weight"]  # Llama 3.2 1B/3B tie their embeddings
+    torch.save(state, tmp_path / "consolidated.00.pth")
+    tied = align_lang.load_llama(str(tmp_path))
+    assert torch.equal(tied.output.weight, lm.tok_embeddings.weight)
+    params["moe_experts"] = 8
+    with open(tmp_path / "params.json", "w") as f:
+        json.dump(params, f)
+    with pytest.raises(ValueError, match="moe_experts"):
+        align_lang.load_llama(str(tmp_path))
+
+
+def test_vision_tower_is_loaded_strictly_except_new_layerscale(core_checkpoint):
+    """The stage-2 tower: the first N core blocks with new LayerScale gammas at 0.1, every other weight the
+    core's; a core checkpoint that lacks any other key is refused."""
+    state, vision_cfg = align_lang.read_core_checkpoint(core_checkpoint)
+    tower = align_lang.build_vision_tower(state, vision_cfg, 2, ls_init_value=0.1, drop_path=0.1)
+    own = tower.state_dict()
+    gammas = [k for k in own if k.endswith(".gamma")]
+    assert len(gammas) == 4 and all(torch.all(own[k] == 0.1) for k in gammas)
+    assert all(torch.equal(own[k], state[k]) for k in own if k not in gammas)
+    assert not any(k.startswith(("ln_post", "attn_pool", "proj", "transformer.resblocks.2.")) for k in own)
+    broken = {k: v for k, v in state.items() if k != "transformer.resblocks.1.attn.in_proj_weight"}
+    with pytest.raises(pe_model.CheckpointMismatchError, match="in_proj_weight"):
+        align_lang.build_vision_tower(broken, vision_cfg, 2, ls_init_value=0.1)
+
+
+def test_exported_pe_lang_tower_loads_strict_into_pe_model(core_checkpoint, tmp_path):
+    vlm = tiny_vlm(core_checkpoint)
+    align_lang.add_layerscale(vlm, 0.1, 0.1)
+    with torch.no_grad():  # as if stage 2 had trained the gammas
+        for name, param in vlm.vision.named_parameters():
+            if name.endswith(".gamma"):
+                param.uniform_(0.05, 0.5)
+    path = str(tmp_path / "pe_lang_tower.pt")
+    align_lang.export_pe_lang_tower(vlm.vision, path)
+    blob = torch.load(path, weights_only=True)
+    tower = pe_model.build_model(blob["config"])
+    pe_model.load_checkpoint(tower, blob["model"], strict=True)  # raises on any missing / unexpected key
+    config = blob["config"]["vision_cfg"]
+    assert (config["layers"], config["ls_init_value"], config["pool_type"], config["output_dim"],
+            config["use_ln_post"]) == (2, 0.1, "none", None, False)
+    rebuilt = pe_model.load_model(path).eval()
+    images = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(rebuilt.forward_features(images), vlm.vision.eval().forward_features(images))
+    assert os.path.isfile(str(tmp_path / "pe_lang_tower.json"))
+
+
+def test_short_run_lowers_the_loss_and_answers(core_checkpoint, tmp_path):
+    """A few stage-2 steps on a JSONL set whose answer is always "yes" lower the loss, greedy decoding then
+    answers "yes", and vqa_accuracy on a saved checkpoint scores it (skipping and counting a bad line)."""
+    from PIL import Image
+
+    lines = []
+    for i in range(4):
+        Image.new("RGB", (40, 40), (60 * i, 100, 200)).save(tmp_path / f"{i}.png")
+        lines.append(json.dumps({"image": f"{i}.png", "question": "is there an emoji?", "answer": "yes"}))
+    (tmp_path / "qa.jsonl").write_text("\n".join(lines + ['{"image": "missing.png"}']) + "\n")
+    pool = align_lang.jsonl_pool(str(tmp_path / "qa.jsonl"), 32)
+    assert len(pool["records"]) == 4 and pool["bad"].total() == 1
+
+    vocab = align_lang.build_vocab(align_lang.pool_texts(pool))
+    tokenizer = align_lang.ClipTokenizer(vocab)
+    vlm = tiny_vlm(core_checkpoint, vocab_size=len(vocab))
+    cfg = align_lang.LangConfig(batch_size=4, warmup_steps=2, max_new_tokens=4)
+    align_lang.add_layerscale(vlm, 0.1, 0.1)
+    losses = align_lang.train_stage(vlm, pool, cfg, 2, 25, 1e-2, tokenizer, torch.device("cpu"))
+    assert sum(losses[-3:]) / 3 < 0.5 * sum(losses[:3]) / 3
+    answers = align_lang.generate(vlm, tokenizer, pool["images"][:2], ["is there an emoji?"] * 2, 4)
+    assert answers == ["yes", "yes"]
+
+    path = str(tmp_path / "vlm.pt")
+    align_lang.save_vlm(vlm, path, cfg, {}, vocab)
+    result = align_lang.vqa_accuracy(path, jsonl=str(tmp_path / "qa.jsonl"))
+    assert result["accuracy"] == 1.0 and result["num_questions"] == 4

@@ -1,0 +1,225 @@
+"""video_engine.py: frame sampling through the engine on files of known length (longer and shorter than T),
+bad videos skipped and counted, resuming without recaptioning, human-refined captions merged, the extractive
+summariser, every shard read back by data.TarShards, and a short finetuning lowering the video-text loss.
+A small random-weight PE-Core-Nano8-64 checkpoint stands in for train_clip.py's.
+
+Run: python -m pytest -q tests/test_video_engine.py
+"""
+
+import dataclasses
+import json
+import os
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+import data  # noqa: E402
+import pe_model  # noqa: E402
+import video_engine  # noqa: E402
+
+NUM_FRAMES = 4  # frames per video in these tests (the engine's default is the paper's 8)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """These models are tiny: one intra-op thread is as fast, and far faster when other jobs share the cores
+    (OpenMP's waiting threads then spin against them)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    return pe_model.build_model("PE-Core-Nano8-64").eval()
+
+
+class CountingCaptioner:
+    """A stand-in captioner: the mean grey level of the frames, and how often it was called."""
+
+    name = "counting"
+
+    def __init__(self, fail_after=None):
+        self.calls, self.fail_after = 0, fail_after
+
+    def __call__(self, frames):
+        if self.fail_after is not None and self.calls >= self.fail_after:
+            raise KeyboardInterrupt("simulated crash")
+        self.calls += 1
+        return f"{'a frame' if len(frames) == 1 else 'a clip'} of grey {int(frames.float().mean()) // 32}"
+
+
+def first_caption(frame_captions, video_caption, metadata):
+    return video_caption
+
+
+def grey_video(path, num_frames, step=12):
+    """Frame i is a flat grey of level step * i + 8: the sampled index can be read back from the pixels."""
+    frames = [np.full((16, 16, 3), step * i + 8, dtype=np.uint8) for i in range(num_frames)]
+    data.write_video(path, frames, fps=8)
+    return path
+
+
+def config(tmp_path, **overrides):
+    cfg = video_engine.VideoEngineConfig(out_dir=str(tmp_path / "out"), num_frames=NUM_FRAMES, shard_size=2)
+    for name, value in overrides.items():
+        setattr(cfg, name, value)
+    return cfg
+
+
+@pytest.mark.parametrize("total", [20, 3])
+def test_frame_sampling_indices_and_counts(tmp_path, total):
+    path = grey_video(str(tmp_path / "clip.mp4"), total)
+    seen = []
+
+    def recording_captioner(frames):
+        seen.append(frames)
+        return "x"
+
+    video_engine.caption_videos([("clip", path)], str(tmp_path / "records"), recording_captioner, NUM_FRAMES,
+                                progress=False)
+    record = video_engine.read_record(str(tmp_path / "records"), "clip")
+    expected = [int(i * total / NUM_FRAMES) for i in range(NUM_FRAMES)]  # 3 frames: [0, 0, 1, 2]
+    assert record["frame_indices"] == expected
+    assert len(record["frame_captions"]) == NUM_FRAMES
+    clip = seen[-1]  # the clip call gets every sampled frame
+    assert clip.shape == (NUM_FRAMES, 16, 16, 3) and clip.dtype == torch.uint8
+    decoded = [round((float(frame.float().mean()) - 8) / 12) for frame in clip]
+    assert decoded == expected
+
+
+def test_corrupt_and_empty_videos_are_skipped_and_counted(tmp_path):
+    folder = tmp_path / "videos"
+    folder.mkdir()
+    grey_video(str(folder / "good1.mp4"), 6)
+    grey_video(str(folder / "good2.mp4"), 6)
+    (folder / "corrupt.mp4").write_bytes(os.urandom(3000))
+    (folder / "empty.mp4").write_bytes(b"")
+    cfg = config(tmp_path, videos=str(folder))
+    result = video_engine.run_engine(cfg, None, captioner=CountingCaptioner(), summarizer=first_caption,
+                                     progress=False)
+    assert result["bad"].counts == {"bad_video": 2}
+    assert sorted(result["bad"].keys["bad_video"]) == sorted([str(folder / "corrupt.mp4"), str(folder / "empty.mp4")])
+    assert result["videos"] == 4 and result["captioned"] == 2
+    samples, bad = video_engine.read_shards(os.path.join(cfg.out_dir, "shards"), NUM_FRAMES, 64)
+    assert sorted(key for _, _, key, _ in samples) == ["good1", "good2"] and bad.total() == 0
+
+
+def test_engine_resumes_without_recaptioning_finished_videos(tmp_path):
+    folder = tmp_path / "videos"
+    folder.mkdir()
+    for i in range(4):
+        grey_video(str(folder / f"v{i}.mp4"), 5, step=10 + 5 * i)
+    cfg = config(tmp_path, videos=str(folder))
+    calls_per_video = NUM_FRAMES + 1  # every frame, then the clip
+    crashing = CountingCaptioner(fail_after=2 * calls_per_video + 1)  # dies inside the third video
+    with pytest.raises(KeyboardInterrupt):
+        video_engine.run_engine(cfg, None, captioner=crashing, summarizer=first_caption, progress=False)
+    resumed = CountingCaptioner()
+    result = video_engine.run_engine(cfg, None, captioner=resumed, summarizer=first_caption, progress=False)
+    assert resumed.calls == 2 * calls_per_video and result["captioned"] == 2
+    again = CountingCaptioner()
+    video_engine.run_engine(cfg, None, captioner=again, summarizer=first_caption, progress=False)
+    assert again.calls == 0
+    os.remove(os.path.join(cfg.out_dir, "records", "v1.json"))  # a lost record is redone
+    grey_video(str(folder / "v2.mp4"), 7, step=3)  # a replaced file is recaptioned
+    redo = CountingCaptioner()
+    video_engine.run_engine(cfg, None, captioner=redo, summarizer=first_caption, progress=False)
+    assert redo.calls == 2 * calls_per_video
+
+
+def test_refined_captions_are_merged_and_win(tmp_path):
+    folder = tmp_path / "videos"
+    folder.mkdir()
+    grey_video(str(folder / "a.mp4"), 4)
+    grey_video(str(folder / "b.mp4"), 4)
+    annotations = tmp_path / "pvd.jsonl"
+    annotations.write_text(json.dumps({"video_id": "a", "refined_caption": "a grey square fading in",
+                                       "metadata": {"category": "shapes"}}) + "\n"
+                           + json.dumps({"video_id": "zzz", "refined_caption": "not in the folder"}) + "\n")
+    cfg = config(tmp_path, videos=str(folder), annotations=str(annotations))
+    result = video_engine.run_engine(cfg, None, captioner=CountingCaptioner(), summarizer=first_caption,
+                                     progress=False)
+    records = os.path.join(cfg.out_dir, "records")
+    a, b = video_engine.read_record(records, "a"), video_engine.read_record(records, "b")
+    assert (a["caption"], a["caption_source"], a["metadata"]) == ("a grey square fading in", "human",
+                                                                  {"category": "shapes"})
+    assert b["caption"] == b["video_caption"] and b["caption_source"] == "first_caption"
+    assert result["bad"].counts == {"annotation_without_video": 1}
+    annotations.write_text('{"video_id": "a"}\n')
+    with pytest.raises(SystemExit, match=r"pvd.jsonl:1: field 'refined_caption'"):
+        video_engine.run_engine(cfg, None, captioner=CountingCaptioner(), summarizer=first_caption,
+                                progress=False)
+
+
+def bag_of_words(texts):
+    """A transparent text embedder for the summariser: normalised word counts over a fixed vocabulary."""
+    vocabulary = "a an of video emoji dog cat face moving left zooming in".split()
+    counts = torch.tensor([[text.rstrip(".").split().count(word) for word in vocabulary] for text in texts],
+                          dtype=torch.float32)
+    return torch.nn.functional.normalize(counts, dim=-1)
+
+
+def test_extractive_summary_keeps_the_caption_consistent_across_frames():
+    dog, cat = "an emoji of a dog face.", "an emoji of a cat face."
+    summarize = video_engine.ExtractiveSummarizer(bag_of_words, reference_captions=[dog, cat])
+    # the consensus of the frames wins over a clip caption that only one frame supports
+    assert summarize([dog, dog, cat, dog], cat, {}) == dog
+    assert summarize([cat, dog, dog, dog], "a video of a cat face zooming in.", {}) == dog
+    # a clip caption naming what the frames agree on is kept: it adds the motion
+    assert summarize([dog, dog, dog], "a video of a dog face moving left.", {}) == "a video of a dog face moving left."
+    # unanimous frames, a clip caption naming something else: the references show the disagreement
+    assert summarize([dog, dog, dog], "a video of a cat face moving left.", {}) == dog
+
+
+@pytest.fixture(scope="module")
+def embedded_run(tmp_path_factory, model):
+    """The default engine (retrieval captioner, extractive summariser, embedded videos with simulated
+    refined captions) on 6 small composed videos, once for the tests below."""
+    tmp_path = tmp_path_factory.mktemp("embedded")
+    cfg = config(tmp_path, num_videos=6, video_length=8, video_size=32, video_classes=3,
+                 embedded_refined_fraction=0.5)
+    result = video_engine.run_engine(cfg, model, progress=False)
+    return cfg, result
+
+
+def test_every_shard_written_reads_back(embedded_run):
+    cfg, result = embedded_run
+    assert len(result["shards"]) == 3  # 6 videos, 2 per shard
+    samples, bad = video_engine.read_shards(os.path.join(cfg.out_dir, "shards"), NUM_FRAMES, 64)
+    assert bad.total() == 0
+    keys = sorted(os.path.splitext(name)[0] for name in os.listdir(os.path.join(cfg.out_dir, "records")))
+    assert sorted(key for _, _, key, _ in samples) == keys
+    sources = set()
+    for frames, caption, key, record in samples:
+        assert frames.shape == (NUM_FRAMES, 3, 64, 64)
+        assert caption == record["caption"] and record["key"] == key
+        assert len(record["frame_captions"]) == NUM_FRAMES and record["video_caption"]
+        sources.add(record["caption_source"])
+    assert sources == {"human", "extractive"}  # refined captions for some, summaries for the others
+
+
+def test_short_finetuning_lowers_the_video_text_loss(embedded_run, model, tmp_path):
+    cfg, _ = embedded_run
+    shard_dir = os.path.join(cfg.out_dir, "shards")
+    samples, _ = video_engine.read_shards(shard_dir, NUM_FRAMES, 64)
+    videos = torch.stack([frames for frames, _, _, _ in samples])  # (6, T, 3, 64, 64)
+    tokens = pe_model.tokenize([caption for _, caption, _, _ in samples])
+    start = pe_model.build_model(pe_model.get_config(model))
+    start.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        before = video_engine.video_text_loss(start, videos, tokens).item()
+    tune = dataclasses.replace(cfg, out_dir=str(tmp_path), steps=5, lr=3e-3, warmup_steps=1, video_batch_size=6,
+                               image_batch_size=2)
+    result = video_engine.finetune(tune, start, shard_dir, progress=False)
+    assert len(result["losses"]) == 5
+    tuned = pe_model.load_model(result["path"]).eval()
+    with torch.no_grad():
+        after = video_engine.video_text_loss(tuned, videos, tokens).item()
+    assert after < before - 0.1, (before, after)

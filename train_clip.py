@@ -1,0 +1,972 @@
+"""
+train_clip.py: robust contrastive image-text pretraining of PE core (Bolya et al. 2025, §2.1).
+
+PE core starts from vanilla CLIP (a softmax contrastive loss over the global batch, learnable logit scale) and
+adds, one ablation step at a time: progressive resolution, a larger global batch, the LAMB optimizer, a final
+high-resolution stage, 2D RoPE, attention pooling, tuned augmentation and mask regularization. Every step is
+its own switch in TrainConfig below, so the ablation can be rerun; `--preset=vanilla` switches them all off,
+`--preset=pe` (the default) switches them all on.
+
+    python train_clip.py                                  # PE recipe on the embedded emoji data, 2 CPU cores, <10 min
+    python train_clip.py --preset=vanilla                 # the plain-CLIP baseline of the ablation
+    python train_clip.py --max_steps=50 --out_dir=out/try # a short run
+    python train_clip.py --resume                         # continue from the newest checkpoint in --out_dir
+    torchrun --nproc_per_node 2 train_clip.py             # two processes on a CPU (gloo, DDP)
+    torchrun --nproc_per_node 8 train_clip.py --model=PE-Core-L14-336 --data=tar \\
+        --train_data='shards/{00000..01023}.tar' --global_batch=4096 --resolution_stages=0.3:98,0.3:154,0.3:224,0.1:336 \\
+        --max_steps=100000 --lr=2e-3                      # 8 GPUs (NCCL, DDP, bf16 autocast); add --fsdp for G
+
+Every config field is an option: --field=value (a bare --flag sets a bool). --model is an official name or a
+JSON file with a config dict (pe_model.build_model's format). Outputs in --out_dir: checkpoints step_NNNNNN.pt
+and final.pt (torch.load(weights_only=True); "model" in the official state_dict layout plus "config", so
+pe_model.load_model(path) rebuilds the model), metrics.jsonl (one line per step, plus zero-shot evaluations),
+and bad_samples/ (skipped inputs, counted per reason).
+
+Pieces other stages import: LAMB, param_groups, build_optimizer, lr_at, parse_stages, resolution_at,
+setup_distributed, wrap_for_training, TrainingForward, sample_masks, mask_regularization_loss,
+contrastive_step, zero_shot_classifier, zero_shot_accuracy, save_training_checkpoint,
+load_training_checkpoint, parse_config, latest_checkpoint, resolve_checkpoint.
+"""
+
+import dataclasses
+import functools
+import glob
+import json
+import logging
+import math
+import os
+import random
+import sys
+import time
+import typing
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+from tqdm import tqdm
+
+import data
+import pe_model
+from kernels.contrastive_loss import contrastive_loss
+
+
+@dataclass
+class TrainConfig:
+    preset: str = "pe"  # "pe" (the robust recipe of §2.1) or "vanilla" (plain CLIP); explicit options win
+    # model
+    model: str = "PE-Core-Nano8-64"  # an official name (pe_model.VISION_CONFIGS) or a JSON config file
+    use_rope2d: bool = True  # §2.1 "2D RoPE" in every attention layer, besides the absolute position embedding
+    pool_type: str = "attn"  # §2.1 "attention pooling"; "tok" = the class token (vanilla CLIP)
+    grad_checkpointing: bool = False  # recompute block activations in the backward (memory for compute)
+    fsdp: bool = False  # shard parameters, gradients and optimizer state (torch fully_shard); for G
+    # data
+    data: str = "emoji"  # emoji (embedded) | tar (webdataset shards) | captions (CSV/JSONL) | coco
+    train_data: str = ""  # tar: a brace pattern or folder; captions: the CSV/JSONL file; coco: the JSON file
+    image_root: str = ""  # captions / coco: the image folder (captions default: the file's folder)
+    num_classes: int = 100  # emoji: classes (zero-shot chance = 1 / num_classes)
+    images_per_class: int = 50  # emoji: training items per class per epoch (freshly rendered each epoch)
+    val_images_per_class: int = 10  # emoji: held-out renderings per class for zero-shot evaluation
+    num_workers: int = 1  # data loader processes per rank
+    shuffle_buffer: int = 1000  # tar: samples shuffled in a buffer of this size
+    # recipe (§2.1, in the order of the paper's ablation)
+    global_batch: int = 128  # images per step over all ranks (§2.1 doubles it: more negatives)
+    max_steps: int = 600  # the default run: ~77K images, under 10 minutes on 2 CPU cores
+    resolution_stages: typing.Tuple[str, ...] = ("0.3:32", "0.3:48", "0.3:64", "0.1:80")  # fraction:resolution
+    load_size: int = 0  # images are read at this size and resized per stage; 0 = the largest stage resolution
+    optimizer: str = "lamb"  # lamb (§2.1) | adamw (vanilla)
+    lr: float = 2e-3  # §2.1: LAMB at 2e-3 (5x that made the default model collapse to a constant embedding)
+    min_lr: float = 0.0  # the cosine ends here
+    lr_schedule: str = "cosine"  # cosine | constant (both after a linear warmup)
+    warmup_fraction: float = 0.05  # of max_steps
+    betas: typing.Tuple[float, ...] = (0.9, 0.95)  # betas, eps, weight decay: common large-batch values, not
+    eps: float = 1e-6  # read from the paper
+    weight_decay: float = 0.05  # not on biases, norms, LayerScale, position/class embeddings, probe, logit scale
+    crop_scale: typing.Tuple[float, ...] = (0.08, 1.0)  # §2.1 tuned augmentation: random resized crop area
+    brightness: float = 0.4  # brightness jitter factor in [1 - b, 1 + b]
+    saturation: float = 0.4  # saturation jitter factor in [1 - s, 1 + s]
+    hflip_prob: float = 0.5  # horizontal flip
+    mask_fraction: float = 1 / 16  # §2.1 mask regularization: share of the batch duplicated and masked
+    mask_ratio: float = 0.4  # share of the patches masked in those copies (see sample_masks)
+    mask_weight: float = 1.0  # weight of the mask-regularization loss next to the contrastive loss
+    # run
+    seed: int = 0
+    out_dir: str = "out/clip"  # where checkpoints (*.pt), logs and metrics go
+    resume: bool = False  # continue from the newest checkpoint in out_dir
+    checkpoint_every: int = 250  # steps; 0 = only the final checkpoint
+    keep_checkpoints: int = 2  # step checkpoints kept on disk (final.pt is always kept)
+    eval_every: int = 250  # zero-shot accuracy on the held-out split every N steps (and at the end); 0 = never
+    eval_batch: int = 250
+
+
+# The plain-CLIP baseline of the §2.1 ablation (OpenCLIP's recipe): one fixed resolution, half the batch (so
+# twice the steps for the same number of images), AdamW, class-token pooling, no RoPE, OpenCLIP's light
+# augmentation (random resized crop of 90-100% of the image, nothing else), no mask regularization. The
+# defaults of TrainConfig are the "pe" preset.
+PRESETS = {
+    "pe": {},
+    "vanilla": dict(global_batch=64, max_steps=1200, resolution_stages=("1:64",), optimizer="adamw", lr=1e-3,
+                    betas=(0.9, 0.98), weight_decay=0.2, use_rope2d=False, pool_type="tok", crop_scale=(0.9, 1.0),
+                    brightness=0.0, saturation=0.0, hflip_prob=0.0, mask_fraction=0.0),
+}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Command line: every config field is overridable as --field=value (a bare --flag sets a bool to True).
+# Shared by every stage script, which imports it from here.
+
+
+def _parse_value(text, kind, name):
+    origin = typing.get_origin(kind)
+    if origin is typing.Union:  # Optional[X]
+        if text.lower() in ("none", "null"):
+            return None
+        kind = next(k for k in typing.get_args(kind) if k is not type(None))
+        origin = typing.get_origin(kind)
+    try:
+        if kind is bool:
+            if text.lower() in ("1", "true", "yes", "on"):
+                return True
+            if text.lower() in ("0", "false", "no", "off"):
+                return False
+            raise ValueError(text)
+        if kind in (int, float, str):
+            return kind(text)
+        if origin in (tuple, list):  # comma-separated: --stages=0.25:98,0.75:224 is parsed by the stage itself
+            item = typing.get_args(kind)[0] if typing.get_args(kind) else str
+            values = [_parse_value(v, item, name) for v in text.split(",") if v != ""]
+            return tuple(values) if origin is tuple else values
+    except (ValueError, TypeError):
+        raise SystemExit(f"--{name}={text}: not a valid {getattr(kind, '__name__', kind)}") from None
+    return text
+
+
+def parse_config(config, argv=None):
+    """Override the fields of a config dataclass instance from --field=value arguments; returns it.
+    An unknown option or a malformed value stops with one message naming it."""
+    argv = sys.argv[1:] if argv is None else argv
+    hints = typing.get_type_hints(type(config))
+    names = [f.name for f in dataclasses.fields(config)]
+    for arg in argv:
+        if not arg.startswith("--"):
+            raise SystemExit(f"unexpected argument {arg!r}: options are --field=value")
+        name, has_value, text = arg[2:].partition("=")
+        name = name.replace("-", "_")
+        if name not in names:
+            raise SystemExit(f"unknown option --{name}; the options are: " + " ".join(f"--{n}" for n in names))
+        if not has_value:
+            if hints[name] is not bool:
+                raise SystemExit(f"--{name} needs a value: --{name}=...")
+            text = "true"
+        setattr(config, name, _parse_value(text, hints[name], name))
+    return config
+
+
+def make_config(argv=None):
+    """TrainConfig from the command line: the --preset's values first, then every explicit option."""
+    preset = parse_config(TrainConfig(), argv).preset  # a first pass reads --preset (and checks every option)
+    if preset not in PRESETS:
+        raise SystemExit(f"--preset={preset}: unknown; the presets are {', '.join(PRESETS)}")
+    return parse_config(TrainConfig(preset=preset, **PRESETS[preset]), argv)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Checkpoint discovery, shared by the stages that start from a PE-core checkpoint.
+
+
+def latest_checkpoint(out_dir=TrainConfig.out_dir):
+    """The newest checkpoint (*.pt) train_clip.py wrote into out_dir, or None."""
+    paths = [p for p in glob.glob(os.path.join(out_dir, "*.pt")) if os.path.isfile(p)]
+    return max(paths, key=os.path.getmtime) if paths else None
+
+
+def resolve_checkpoint(path=None):
+    """The checkpoint a stage starts from: `path` if given (it must exist), else the newest one that
+    `python train_clip.py` wrote with its default settings; otherwise one message saying how to make one."""
+    if path:
+        if not os.path.isfile(path):
+            raise SystemExit(f"--checkpoint={path}: no such file")
+        return path
+    found = latest_checkpoint()
+    if found is None:
+        raise SystemExit(f"no checkpoint given and none found in {TrainConfig.out_dir}/: run `python train_clip.py` "
+                         "first (a few minutes on CPU), or pass --checkpoint=PATH (ours or an official PE-Core .pt "
+                         "with --model=NAME)")
+    return found
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Distributed setup: torchrun's environment variables alone switch it on (as in nanoGPT).
+
+
+def setup_distributed():
+    """(rank, world_size, local_rank, device). Under torchrun (WORLD_SIZE > 1) joins the process group: NCCL
+    with one GPU per process, gloo on CPU. A plain `python` run is rank 0 of 1, on the GPU if there is one."""
+    rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    if torch.cuda.is_available():
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device("cpu")
+    if world_size > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return rank, world_size, local_rank, device
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Model
+
+
+def build_clip(name_or_path, use_rope2d=None, pool_type=None):
+    """A PE CLIP model from an official name or a JSON config file, with the two architecture switches of
+    the §2.1 ablation applied to its vision config (None keeps the config's own)."""
+    if name_or_path.endswith(".json"):
+        with open(name_or_path) as f:
+            config = json.load(f)
+    else:
+        config = pe_model.model_config(name_or_path)
+    if config.get("model_class", "CLIP") != "CLIP":
+        raise SystemExit(f"--model={name_or_path}: a vision-only tower; contrastive training needs a CLIP model "
+                         f"(one of {', '.join(pe_model.TEXT_CONFIGS)})")
+    vision = config["vision_cfg"]
+    if use_rope2d is not None:
+        vision["use_rope2d"] = use_rope2d
+    if pool_type is not None:
+        vision["pool_type"] = pool_type
+    if vision.get("pool_type") == "tok" and not vision.get("use_cls_token"):
+        raise SystemExit(f"--pool_type=tok needs a class token, and {name_or_path} has none: use --pool_type=attn")
+    return pe_model.build_model(config)
+
+
+class TrainingForward(nn.Module):
+    """The CLIP model plus the one forward a training step needs, so that DDP / FSDP wrap a module whose
+    forward() is the whole step. Images and their masked copies go through the vision tower as one batch.
+
+    forward(images (B,3,H,W) or None, tokens (B,L) or None, masked_images (M,3,H,W) or None,
+            masked_rows (M,): which images the copies are of) ->
+    (image_features (B,D) or None, text_features (B,D) or None, logit_scale (the multiplier),
+     clean_tokens (M,N,W) or None, masked_tokens (M,N,W) or None): the final ln_post'ed patch tokens of the
+     masked images' originals and of the masked copies, for mask regularization."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, images=None, tokens=None, masked_images=None, masked_rows=None):
+        image_features = text_features = clean_tokens = masked_tokens = None
+        if images is not None:
+            visual = self.model.visual
+            batch = images.shape[0]
+            if masked_images is not None:
+                images = torch.cat([images, masked_images])  # (B + M, 3, H, W)
+            all_tokens = visual.forward_features(images, norm=True)  # (B + M, N(+1), W)
+            image_features = F.normalize(visual.pool(all_tokens[:batch]), dim=-1)  # (B, D)
+            if masked_images is not None:
+                patch_tokens = all_tokens[:, 1:] if visual.use_cls_token else all_tokens  # (B + M, N, W)
+                copies = torch.arange(batch, len(images), device=images.device)
+                clean_tokens, masked_tokens = patch_tokens[masked_rows], patch_tokens[copies]  # (M, N, W) each
+        if tokens is not None:
+            text_features = self.model.encode_text(tokens, normalize=True)  # (B, D)
+        return image_features, text_features, self.model.logit_scale.exp(), clean_tokens, masked_tokens
+
+
+def wrap_for_training(module, device, world_size, fsdp=False):
+    """DDP (default) or FSDP2 (fully_shard: each transformer block, then the rest) around a TrainingForward
+    when world_size > 1; the module itself otherwise. Build the optimizer AFTER this: fully_shard replaces the
+    parameters by sharded DTensors."""
+    if world_size == 1:
+        return module
+    if fsdp:
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import fully_shard
+
+        mesh = init_device_mesh(device.type, (world_size,))
+        clip = module.model
+        for block in [*clip.visual.transformer.resblocks, *clip.transformer.resblocks]:
+            fully_shard(block, mesh=mesh)
+        # fully_shard cannot shard a 0-dim parameter: the logit scale stays replicated and its gradient is
+        # averaged by hand in contrastive_step
+        fully_shard(module, mesh=mesh, ignored_params={clip.logit_scale})
+        return module
+    return nn.parallel.DistributedDataParallel(module, device_ids=[device.index] if device.type == "cuda" else None)
+
+
+def unwrap(train_forward):
+    """The CLIP model inside a (DDP-wrapped) TrainingForward."""
+    return getattr(train_forward, "module", train_forward).model
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Optimizer. §2.1 switches from AdamW to LAMB, which allows a higher learning rate (2e-3 for L at 64K batch).
+# LAMB (You et al. 2020, "Large Batch Optimization for Deep Learning", Algorithm 2) is Adam whose update is
+# rescaled per parameter tensor by the trust ratio ||w|| / ||update||, so every layer moves by about
+# lr x its own norm whatever its gradient scale.
+
+# Parameters that get neither weight decay nor the trust ratio, besides every 0/1-d parameter (biases,
+# LayerNorm weights, LayerScale gammas, the class embedding, the logit scale): the learned position
+# embeddings and the attention-pooling probe. Decaying them towards 0 has no reason; their norm is no
+# meaningful scale for a layer-wise learning rate.
+NO_DECAY_NAMES = ("positional_embedding", "class_embedding", "probe", "logit_scale")
+
+
+def param_groups(model, weight_decay):
+    """Two optimizer groups: weights (decay + trust ratio) and the rest (neither)."""
+    decay, no_decay = [], []
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        if param.ndim < 2 or name.split(".")[-1] in NO_DECAY_NAMES:
+            no_decay.append(param)
+        else:
+            decay.append(param)
+    return [{"params": decay, "weight_decay": weight_decay, "trust_ratio": True},
+            {"params": no_decay, "weight_decay": 0.0, "trust_ratio": False}]
+
+
+def _norm(tensor):
+    """L2 norm of a whole tensor as a plain tensor (a sharded DTensor's norm is reduced over its shards)."""
+    norm = torch.linalg.vector_norm(tensor)
+    return norm.full_tensor() if hasattr(norm, "full_tensor") else norm
+
+
+class LAMB(torch.optim.Optimizer):
+    """LAMB with bias-corrected Adam moments and decoupled weight decay. For each parameter w with gradient g
+    at step t:
+
+        m = b1 m + (1 - b1) g            v = b2 v + (1 - b2) g^2
+        u = (m / (1 - b1^t)) / (sqrt(v / (1 - b2^t)) + eps) + weight_decay * w
+        r = ||w|| / ||u||  (1 where either norm is 0, or the group has trust_ratio=False)
+        w = w - lr * r * u
+
+    Groups carry "weight_decay" and "trust_ratio" (see param_groups)."""
+
+    def __init__(self, params, lr=2e-3, betas=(0.9, 0.95), eps=1e-6, weight_decay=0.0, trust_ratio=True):
+        if lr < 0 or eps < 0 or weight_decay < 0 or not all(0 <= b < 1 for b in betas):
+            raise ValueError(f"LAMB: invalid lr={lr}, betas={betas}, eps={eps} or weight_decay={weight_decay}")
+        super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay,
+                                      trust_ratio=trust_ratio))
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            beta1, beta2 = group["betas"]
+            for param in group["params"]:
+                if param.grad is None:
+                    continue
+                state = self.state[param]
+                if not state:
+                    state["step"] = torch.tensor(0.0)
+                    state["exp_avg"] = torch.zeros_like(param)
+                    state["exp_avg_sq"] = torch.zeros_like(param)
+                state["step"] += 1
+                step = state["step"].item()
+                exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
+                exp_avg.mul_(beta1).add_(param.grad, alpha=1 - beta1)
+                exp_avg_sq.mul_(beta2).addcmul_(param.grad, param.grad, value=1 - beta2)
+                denominator = (exp_avg_sq / (1 - beta2**step)).sqrt_().add_(group["eps"])
+                update = (exp_avg / (1 - beta1**step)).div_(denominator)
+                if group["weight_decay"]:
+                    update.add_(param, alpha=group["weight_decay"])
+                ratio = 1.0
+                if group["trust_ratio"]:
+                    weight_norm, update_norm = _norm(param), _norm(update)
+                    ratio = torch.where((weight_norm > 0) & (update_norm > 0), weight_norm / update_norm, 1.0)
+                    if hasattr(update, "full_tensor"):  # a DTensor update: scale it by a plain number
+                        ratio = ratio.item()
+                param.sub_(update.mul_(ratio * group["lr"]))
+        return loss
+
+
+def build_optimizer(model, optimizer="lamb", lr=2e-3, betas=(0.9, 0.95), eps=1e-6, weight_decay=0.05):
+    """LAMB or AdamW over param_groups(model, weight_decay) (the same decay exclusions for both)."""
+    groups = param_groups(model, weight_decay)
+    if optimizer == "lamb":
+        return LAMB(groups, lr=lr, betas=betas, eps=eps)
+    if optimizer == "adamw":
+        return torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), eps=eps)
+    raise SystemExit(f"--optimizer={optimizer}: unknown; use lamb or adamw")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Schedules. Steps count from 0; step s is the (s+1)-th optimizer update.
+
+
+def lr_at(step, max_steps, base_lr, warmup_steps, min_lr=0.0, schedule="cosine"):
+    """Linear warmup from base_lr / warmup_steps to base_lr over warmup_steps, then cosine decay to min_lr at
+    max_steps (or constant)."""
+    if step < warmup_steps:
+        return base_lr * (step + 1) / warmup_steps
+    if schedule == "constant":
+        return base_lr
+    if schedule != "cosine":
+        raise SystemExit(f"--lr_schedule={schedule}: unknown; use cosine or constant")
+    progress = min(1.0, (step - warmup_steps) / max(1, max_steps - warmup_steps))
+    return min_lr + 0.5 * (base_lr - min_lr) * (1 + math.cos(math.pi * progress))
+
+
+def parse_stages(stages):
+    """("0.3:98", "0.7:224") or [(0.3, 98), (0.7, 224)] -> [(0.3, 98), (0.7, 224)]: the progressive-resolution
+    schedule of §2.1 as (fraction of training, resolution) stages; the fractions must sum to 1."""
+    parsed = []
+    for stage in stages:
+        try:
+            fraction, resolution = stage.split(":") if isinstance(stage, str) else stage
+            fraction, resolution = float(fraction), int(resolution)
+        except (ValueError, TypeError):
+            raise SystemExit(f"--resolution_stages: {stage!r} is not fraction:resolution (e.g. 0.3:98)") from None
+        if fraction <= 0 or resolution <= 0:
+            raise SystemExit(f"--resolution_stages: {stage!r} needs a positive fraction and resolution")
+        parsed.append((fraction, resolution))
+    if not parsed or abs(sum(f for f, _ in parsed) - 1) > 1e-6:
+        raise SystemExit(f"--resolution_stages={','.join(map(str, stages))}: the fractions must sum to 1")
+    return parsed
+
+
+def resolution_at(step, max_steps, stages):
+    """The training resolution at `step`: stage k covers steps [round(F_{k-1} max_steps), round(F_k max_steps))
+    where F_k is the sum of the first k fractions."""
+    cumulative = 0.0
+    for fraction, resolution in stages:
+        cumulative += fraction
+        if step < round(cumulative * max_steps):
+            return resolution
+    return stages[-1][1]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Data. The loader yields images at one load size; the trainer resizes each batch to the stage's resolution.
+# Batch order and every augmentation are functions of (seed, epoch, index) (data.py), so the position
+# (epoch, batch within the epoch) is all a checkpoint needs to continue the exact same stream.
+
+
+def build_train_dataset(cfg, load_size, bad_dir):
+    """The training set named by cfg.data, augmented with the §2.1 augmentation at load_size."""
+    augment = data.AugmentConfig(crop_scale=tuple(cfg.crop_scale), brightness=cfg.brightness,
+                                 saturation=cfg.saturation, hflip_prob=cfg.hflip_prob)
+    transform = data.make_train_transform(load_size, augment)
+    if cfg.data == "emoji":
+        return data.EmojiImageText("train", cfg.num_classes, cfg.images_per_class, load_size, seed=cfg.seed,
+                                   transform=transform)
+    if not cfg.train_data:
+        raise SystemExit(f"--data={cfg.data} needs --train_data=...")
+    if cfg.data == "tar":
+        return data.TarShards(cfg.train_data, transform, shuffle_buffer=cfg.shuffle_buffer, seed=cfg.seed,
+                              bad_report_dir=bad_dir)
+    if cfg.data == "captions":
+        return data.CaptionFile(cfg.train_data, cfg.image_root or None, transform, seed=cfg.seed,
+                                bad_report_dir=bad_dir)
+    if cfg.data == "coco":
+        if not cfg.image_root:
+            raise SystemExit("--data=coco needs --image_root=FOLDER (the images of the annotations file)")
+        return data.CocoCaptions(cfg.train_data, cfg.image_root, transform, seed=cfg.seed, bad_report_dir=bad_dir)
+    raise SystemExit(f"--data={cfg.data}: unknown; use emoji, tar, captions or coco")
+
+
+class EpochIndexed(torch.utils.data.Dataset):
+    """A map-style dataset indexed by (epoch, index): one DataLoader (and one set of workers) spans epochs,
+    each item still made with its own epoch's randomness."""
+
+    def __init__(self, dataset):
+        self.dataset = dataset
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, key):
+        epoch, index = key
+        self.dataset.set_epoch(epoch)
+        return self.dataset[index]
+
+
+def epoch_order(num_items, epoch, seed):
+    """The shuffled order of the items in an epoch (the same on every rank)."""
+    return torch.randperm(num_items, generator=data.item_generator(seed, "order", epoch))
+
+
+def rank_batches(num_items, global_batch, start, rank, world_size, seed):
+    """Index batches of this rank from position start = (epoch, batch), forever: global batch k of an epoch
+    is order[k*G : (k+1)*G] and rank r takes its r-th slice, so the union over ranks does not depend on the
+    number of ranks. Yields lists of (epoch, index) for EpochIndexed."""
+    epoch, batch = start
+    local = global_batch // world_size
+    while True:
+        order = epoch_order(num_items, epoch, seed)
+        for k in range(batch, num_items // global_batch):
+            mine = order[k * global_batch + rank * local: k * global_batch + (rank + 1) * local]
+            yield [(epoch, int(i)) for i in mine]
+        epoch, batch = epoch + 1, 0
+
+
+def trim_padding(tokens):
+    """Drop the padding columns that no caption of the batch reaches: (B, L) -> (B, longest caption). Exact,
+    not an approximation: the text tower is causal and reads its output at the end-of-text token, so what
+    comes after it never matters; it halves the text tower's cost for short captions (emoji names)."""
+    return tokens[:, : max(1, int((tokens != pe_model.PAD_TOKEN_ID).sum(dim=1).max()))]
+
+
+def _empty_batch(load_size, context_length):
+    return torch.zeros(0, 3, load_size, load_size), torch.zeros(0, context_length, dtype=torch.long)
+
+
+def _map_stream(dataset, cfg, start, rank, world_size, collate):
+    """(position after the batch, batch, exhausted=False) for a map-style dataset, across epochs."""
+    sampler = rank_batches(len(dataset), cfg.global_batch, start, rank, world_size, cfg.seed)
+    loader = torch.utils.data.DataLoader(EpochIndexed(dataset), batch_sampler=sampler, collate_fn=collate,
+                                         num_workers=cfg.num_workers)
+    epoch, batch = start
+    per_epoch = len(dataset) // cfg.global_batch
+    for loaded in loader:
+        epoch, batch = (epoch, batch + 1) if batch + 1 < per_epoch else (epoch + 1, 0)
+        yield (epoch, batch), loaded, False
+
+
+def _iterable_stream(dataset, cfg, start, local, collate):
+    """The same for tar shards, from position (epoch, batches already used in it), which a resumed run
+    re-reads and drops (the stream is deterministic). Ends an epoch with (next position, None, True)."""
+    epoch, skip = start
+    while True:
+        dataset.set_epoch(epoch)
+        loader = torch.utils.data.DataLoader(dataset, batch_size=local, collate_fn=collate,
+                                             num_workers=cfg.num_workers)
+        for batch_index, batch in enumerate(loader, 1):
+            if batch_index > skip:
+                yield (epoch, batch_index), batch, False
+        yield (epoch + 1, 0), None, True
+        epoch, skip = epoch + 1, 0
+
+
+def train_batches(dataset, cfg, start, rank, world_size, load_size, context_length, group):
+    """Yield (images, tokens, position after this batch) for every step, on every rank in lockstep.
+    A rank whose items were all bad gets an empty batch; a global batch without one good item is skipped
+    (the dataset has counted them); with tar shards every rank starts the next epoch as soon as one rank
+    runs out of data, so the ranks never wait on each other."""
+    collate = functools.partial(data.collate_image_text, context_length=context_length)
+    local = cfg.global_batch // world_size
+    iterable = isinstance(dataset, torch.utils.data.IterableDataset)
+    if not iterable and len(dataset) < cfg.global_batch:
+        raise SystemExit(f"--global_batch={cfg.global_batch} is larger than the dataset ({len(dataset)} items)")
+    stream = (_iterable_stream(dataset, cfg, start, local, collate) if iterable
+              else _map_stream(dataset, cfg, start, rank, world_size, collate))
+    batches_since_data, epochs_since_data = 0, 0
+    while True:
+        position, batch, exhausted = next(stream)
+        images, tokens = batch if batch is not None else _empty_batch(load_size, context_length)
+        status = torch.tensor([float(exhausted), float(len(images))])
+        if group is not None:
+            dist.all_reduce(status, group=group)
+        batches_since_data = 0 if status[1] > 0 else batches_since_data + 1
+        if status[0] > 0:  # some rank ran out of data: all restart at the next epoch
+            epochs_since_data += 1  # reset by every batch yielded: 2 = a whole epoch gave nothing
+            if epochs_since_data >= 2:
+                raise SystemExit(f"--train_data={cfg.train_data}: a whole epoch gave no usable sample (see the "
+                                 "bad-sample warnings above)")
+            stream.close()
+            next_epoch = position[0] if exhausted else position[0] + 1
+            stream = _iterable_stream(dataset, cfg, (next_epoch, 0), local, collate)
+            continue
+        if status[1] == 0:  # no rank has a good item in this global batch (the dataset counted them)
+            if not iterable and batches_since_data >= len(dataset) // cfg.global_batch:
+                raise SystemExit(f"--data={cfg.data}: a whole epoch gave no usable sample (see the bad-sample "
+                                 "warnings above)")
+            continue
+        epochs_since_data = 0
+        yield images, tokens, position
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Mask regularization (§2.1). The paper turns MaskFeat (Wei et al. 2022) into a regularizer: 1/16 of the
+# batch is duplicated and masked, and at the output the masked copy's tokens are aligned to their unmasked
+# counterparts by maximising cosine similarity; the masked copies stay out of the contrastive loss, and the
+# unmasked side is the (detached) target, so the CLIP and the mask gradients are disjoint. Where the text we
+# could check leaves details open we take the simplest faithful reading (the pages corpus holds only the
+# opening of the paper; the fraction 1/16, the cosine alignment and the disjoint gradients are from §2.1 as
+# published, the rest is ours):
+#  - masking replaces a patch's pixels by 0 (the mean of the [-1, 1] input range): with conv1 having no bias,
+#    the patch enters the tower as its position embedding alone, a fixed, parameter-free "mask token" that
+#    keeps the official state_dict layout;
+#  - patches are masked uniformly at random, mask_ratio = 0.4 (MaskFeat's default ratio; not checked against
+#    the paper), the same number of patches for every copy;
+#  - the aligned tokens are the final ln_post'ed patch tokens at the masked positions (MaskFeat predicts the
+#    masked patches), loss = mean over them of 1 - cos, weight mask_weight = 1 next to the CLIP loss.
+
+
+def sample_masks(batch_size, grid_size, fraction, ratio, step, seed, offset=0):
+    """Which rows of a batch get a masked copy, and which patches each copy hides.
+
+    rows (M,): the positions j with (offset + j) % round(1 / fraction) == 0, offset = the position of this
+    rank's first image in the global batch, so the chosen images do not depend on the number of ranks.
+    patch_mask (M, grid_size**2) bool, True = masked: round(ratio * grid_size**2) patches per copy, drawn from
+    item_generator(seed, "mask", step, global position): the same in a resumed or a multi-process run."""
+    num_patches = grid_size * grid_size
+    if fraction <= 0:
+        return torch.zeros(0, dtype=torch.long), torch.zeros(0, num_patches, dtype=torch.bool)
+    every = max(1, round(1 / fraction))
+    rows = [j for j in range(batch_size) if (offset + j) % every == 0]
+    num_masked = round(ratio * num_patches)
+    patch_mask = torch.zeros(len(rows), num_patches, dtype=torch.bool)
+    for i, j in enumerate(rows):
+        order = torch.randperm(num_patches, generator=data.item_generator(seed, "mask", step, offset + j))
+        patch_mask[i, order[:num_masked]] = True
+    return torch.tensor(rows, dtype=torch.long), patch_mask
+
+
+def apply_patch_mask(images, patch_mask, patch_size):
+    """Copies of images (M, 3, H, W) with the pixels of the masked patches (M, gh*gw) set to 0."""
+    count, _, height, width = images.shape
+    grid_h, grid_w = height // patch_size, width // patch_size
+    pixels = patch_mask.view(count, 1, grid_h, 1, grid_w, 1).expand(-1, -1, -1, patch_size, -1, patch_size)
+    pixels = pixels.reshape(count, 1, grid_h * patch_size, grid_w * patch_size)  # (M, 1, gh*p, gw*p)
+    masked = images.clone()
+    masked[:, :, : grid_h * patch_size, : grid_w * patch_size].masked_fill_(pixels.to(images.device), 0.0)
+    return masked
+
+
+def mask_regularization_loss(clean_tokens, masked_tokens, patch_mask):
+    """(sum over the masked positions of 1 - cos(masked token, unmasked token), number of masked positions).
+    clean_tokens, masked_tokens: (M, N, W) patch tokens of the images and of their masked copies; the clean
+    side is detached (it is the target). A sum and a count, so that ranks can form the global mean."""
+    similarity = F.cosine_similarity(masked_tokens.float(), clean_tokens.detach().float(), dim=-1)  # (M, N)
+    patch_mask = patch_mask.to(similarity.device)
+    return (1 - similarity)[patch_mask].sum(), patch_mask.sum()
+
+
+def _is_fsdp(train_forward):
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(train_forward, FSDPModule)
+
+
+def contrastive_step(train_forward, optimizer, images, tokens, masking=None, mask_weight=1.0, group=None,
+                     autocast=False):
+    """One optimizer update: forward, the contrastive loss over the global batch (+ mask regularization),
+    backward, step. masking: (rows, patch_mask, masked_images) of sample_masks / apply_patch_mask, or None.
+    autocast: bf16 autocast of the forward (GPU). Returns the global losses as floats (the same on every rank):
+    {"loss", "clip_loss", "mask_loss"}."""
+    world_size = dist.get_world_size(group) if group is not None else 1
+    rows, patch_mask, masked_images = masking if masking is not None else (None, None, None)
+    if masked_images is not None and len(masked_images) == 0:
+        masked_images = None
+    if masked_images is not None:
+        rows = rows.to(images.device)
+    with torch.autocast(images.device.type, dtype=torch.bfloat16, enabled=autocast):
+        image_features, text_features, logit_scale, clean_tokens, masked_tokens = train_forward(
+            images, tokens, masked_images, rows)
+    clip_loss = contrastive_loss(image_features.float(), text_features.float(), logit_scale.float(), group)
+    loss, mask_loss = clip_loss, torch.zeros(())
+    if masking is not None:
+        total, count = torch.zeros((), device=images.device), torch.zeros((), device=images.device)
+        if masked_images is not None:
+            total, count = mask_regularization_loss(clean_tokens, masked_tokens, patch_mask)
+        sums = torch.stack([total.detach().float(), count.float()])
+        if group is not None:
+            dist.all_reduce(sums, group=group)
+        # DDP / FSDP average gradients over ranks: world_size x this rank's sum over the global count has
+        # the gradient of the global mean
+        loss = loss + mask_weight * total * world_size / sums[1].clamp(min=1)
+        mask_loss = sums[0] / sums[1].clamp(min=1)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    clip = unwrap(train_forward)
+    if group is not None and _is_fsdp(train_forward):  # the replicated logit scale (see wrap_for_training)
+        dist.all_reduce(clip.logit_scale.grad, group=group)
+        clip.logit_scale.grad.div_(world_size)
+    optimizer.step()
+    with torch.no_grad():  # CLIP (Radford et al. 2021, §2.5) caps the logit multiplier at 100
+        clip.logit_scale.clamp_(0, math.log(100))
+    clip_value, mask_value = clip_loss.item(), mask_loss.item()
+    return {"loss": clip_value + mask_weight * mask_value, "clip_loss": clip_value, "mask_loss": mask_value}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Zero-shot classification on the held-out split: per class, the mean of the normalised text embeddings of
+# the prompt templates (data.ZERO_SHOT_TEMPLATES), renormalised; an image's class is the most similar one.
+
+
+def _encode(model, images=None, tokens=None):
+    """Normalised features from a CLIP model or a (wrapped) TrainingForward (whose forward an FSDP model
+    needs, to gather its shards)."""
+    if isinstance(model, pe_model.CLIP):
+        return model.encode_image(images, normalize=True) if images is not None else \
+            model.encode_text(tokens, normalize=True)
+    image_features, text_features = model(images, tokens)[:2]
+    return image_features if images is not None else text_features
+
+
+@torch.no_grad()
+def zero_shot_classifier(model, class_names, templates=data.ZERO_SHOT_TEMPLATES, context_length=32, device="cpu",
+                         autocast=False):
+    """(C, D) class embeddings from the prompt ensemble."""
+    prompts = [data.format_template(t, name) for name in class_names for t in templates]
+    tokens = trim_padding(pe_model.tokenize(prompts, context_length)).to(device)
+    with torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=autocast):
+        features = _encode(model, tokens=tokens).float()  # (C * T, D)
+    features = features.view(len(class_names), len(templates), -1).mean(dim=1)  # (C, D)
+    return F.normalize(features, dim=-1)
+
+
+@torch.no_grad()
+def zero_shot_accuracy(model, images, labels, classifier, resolution=None, batch_size=250, autocast=False):
+    """Top-1 accuracy of images (N, 3, H, W) against classifier (C, D); images resized to `resolution` first."""
+    correct = 0
+    device = classifier.device
+    for start in range(0, len(images), batch_size):
+        batch = images[start: start + batch_size].to(device)
+        if resolution is not None and batch.shape[-1] != resolution:
+            batch = F.interpolate(batch, size=(resolution, resolution), mode="bilinear", antialias=True)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
+            features = _encode(model, images=batch).float()  # (b, D)
+        correct += (features @ classifier.T).argmax(dim=1).eq(labels[start: start + batch_size].to(device)).sum()
+    return float(correct) / max(1, len(images))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Checkpoints: {"model" (official state_dict layout), "config" (pe_model.get_config), "optimizer", "step",
+# "rng", plus what the caller adds (data position, schedule, train config)}. Written atomically by rank 0;
+# every value is a tensor or plain Python data, so torch.load(weights_only=True) reads it.
+
+
+def rng_state():
+    """The torch, CUDA, Python and NumPy RNG states, as tensors."""
+    numpy_state = np.random.get_state()
+    state = {"torch": torch.get_rng_state(),
+             "python": torch.tensor(random.getstate()[1], dtype=torch.int64),
+             "numpy": torch.from_numpy(numpy_state[1].astype(np.int64)),
+             "numpy_position": torch.tensor(numpy_state[2])}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.stack(torch.cuda.get_rng_state_all())
+    return state
+
+
+def set_rng_state(state):
+    torch.set_rng_state(state["torch"])
+    random.setstate((3, tuple(state["python"].tolist()), None))
+    np.random.set_state(("MT19937", state["numpy"].numpy().astype(np.uint32), int(state["numpy_position"]), 0, 0.0))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(list(state["cuda"]))
+
+
+def save_training_checkpoint(path, train_forward, optimizer, step, extra=None):
+    """Write a training checkpoint to `path` (atomic: pe_model.save_checkpoint). Call it on every rank: with
+    FSDP the full state is gathered collectively; rank 0 writes."""
+    model = unwrap(train_forward)
+    if _is_fsdp(train_forward):
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+
+        model_state, optimizer_state = get_state_dict(
+            train_forward, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        model_state = {k.removeprefix("model."): v for k, v in model_state.items()}
+    else:
+        model_state, optimizer_state = model.state_dict(), optimizer.state_dict()
+    if dist.is_initialized() and dist.get_rank() != 0:
+        return
+    pe_model.save_checkpoint({"model": model_state, "config": pe_model.get_config(model),
+                              "optimizer": optimizer_state, "step": step, "rng": rng_state(), **(extra or {})}, path)
+
+
+def load_training_checkpoint(path, train_forward, optimizer=None):
+    """Restore model weights, optimizer state and RNG states from a training checkpoint; returns the whole
+    checkpoint dict (step, data position, ...). train_forward: a (wrapped) TrainingForward or a CLIP model."""
+    blob = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(blob, dict) or "model" not in blob or "step" not in blob:
+        raise SystemExit(f"{path}: not a training checkpoint of train_clip.py (no 'model' and 'step')")
+    if isinstance(train_forward, nn.Module) and _is_fsdp(train_forward):
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+
+        set_state_dict(train_forward, optimizer, model_state_dict={f"model.{k}": v for k, v in blob["model"].items()},
+                       optim_state_dict=blob["optimizer"], options=StateDictOptions(full_state_dict=True))
+    else:
+        model = train_forward if isinstance(train_forward, pe_model.CLIP) else unwrap(train_forward)
+        pe_model.load_checkpoint(model, blob["model"], name=path)
+        if optimizer is not None:
+            try:
+                optimizer.load_state_dict(blob["optimizer"])
+            except (ValueError, KeyError) as error:
+                raise SystemExit(f"{path}: its optimizer state does not fit this run's optimizer ({error}); "
+                                 "same --optimizer and model as the run that wrote it?") from None
+    set_rng_state(blob["rng"])
+    return blob
+
+
+def _prune_checkpoints(out_dir, keep):
+    paths = sorted(glob.glob(os.path.join(out_dir, "step_*.pt")), key=os.path.getmtime)
+    for path in paths[: max(0, len(paths) - keep)]:
+        os.remove(path)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The training loop
+
+
+def _log(path, record):
+    with open(path, "a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def train(cfg):
+    """Run the training of `cfg` (from any number of torchrun processes); returns a summary dict: losses
+    (this process's run, one per step), final checkpoint path, zero-shot accuracy, bad-sample counts."""
+    rank, world_size, _, device = setup_distributed()
+    group = dist.group.WORLD if world_size > 1 else None
+    master = rank == 0
+    if cfg.global_batch % world_size:
+        raise SystemExit(f"--global_batch={cfg.global_batch} must be divisible by the {world_size} processes")
+    if not (0 <= cfg.mask_fraction <= 1 and 0 <= cfg.mask_ratio < 1):
+        raise SystemExit("--mask_fraction must be in [0, 1] and --mask_ratio in [0, 1)")
+    stages = parse_stages(cfg.resolution_stages)
+    local_batch = cfg.global_batch // world_size
+    autocast = device.type == "cuda"  # bf16 autocast on GPU; float32 on CPU
+
+    torch.manual_seed(cfg.seed)  # the same initial weights on every rank
+    model = build_clip(cfg.model, cfg.use_rope2d, cfg.pool_type)
+    patch_size = model.visual.patch_size
+    if any(resolution % patch_size for _, resolution in stages):
+        raise SystemExit(f"--resolution_stages={','.join(cfg.resolution_stages)}: every resolution must be a multiple "
+                         f"of the patch size {patch_size}")
+    model.visual.transformer.grad_checkpointing = model.transformer.grad_checkpointing = cfg.grad_checkpointing
+    train_forward = wrap_for_training(TrainingForward(model.to(device)), device, world_size, cfg.fsdp)
+    optimizer = build_optimizer(model, cfg.optimizer, cfg.lr, cfg.betas, cfg.eps, cfg.weight_decay)
+
+    load_size = cfg.load_size or max(resolution for _, resolution in stages)
+    bad_dir = os.path.join(cfg.out_dir, "bad_samples")
+    metrics_path = os.path.join(cfg.out_dir, "metrics.jsonl")
+    dataset = build_train_dataset(cfg, load_size, bad_dir)
+    step, position = 0, (0, 0)
+    resumed_from = latest_checkpoint(cfg.out_dir) if cfg.resume else None
+    if resumed_from:
+        state = load_training_checkpoint(resumed_from, train_forward, optimizer)
+        step, position = int(state["step"]), tuple(int(v) for v in state["data_position"])
+        changed = [k for k, v in state.get("train_config", {}).items()
+                   if k in ("global_batch", "max_steps", "resolution_stages", "seed", "lr", "optimizer")
+                   and v != getattr(cfg, k)]
+        if master and changed:
+            print(f"warning: resuming with different {', '.join(changed)}: the loss curve will differ from an "
+                  "uninterrupted run")
+    if master:
+        os.makedirs(cfg.out_dir, exist_ok=True)
+        if cfg.resume and not resumed_from:
+            print(f"--resume: no checkpoint in {cfg.out_dir}, starting from scratch")
+        if not resumed_from and latest_checkpoint(cfg.out_dir):
+            print(f"note: {cfg.out_dir} holds checkpoints of an earlier run; this run starts from scratch "
+                  "(--resume continues the newest)")
+        kept = []  # the metrics of the steps the checkpoint covers; a killed run's later lines are dropped
+        if resumed_from and os.path.exists(metrics_path):
+            with open(metrics_path) as f:
+                kept = [line for line in f if json.loads(line).get("step", 0) <= step]
+        with open(metrics_path, "w") as f:
+            f.writelines(kept)
+
+    val_images = val_labels = class_names = None
+    if cfg.eval_every > 0:  # the held-out renderings, made once (their rendering does not depend on the epoch)
+        val_set = data.EmojiImageText("val", cfg.num_classes, cfg.val_images_per_class, load_size, seed=cfg.seed)
+        val_images = torch.stack([val_set[i][0] for i in range(len(val_set))])  # (N, 3, S, S)
+        val_labels = torch.tensor([i % cfg.num_classes for i in range(len(val_set))])
+        class_names = val_set.class_names
+
+    def evaluate():
+        """Zero-shot top-1 on the held-out split (every rank runs the same forwards: FSDP needs them all)."""
+        train_forward.eval()
+        classifier = zero_shot_classifier(train_forward, class_names, context_length=model.context_length,
+                                          device=device, autocast=autocast)
+        accuracy = zero_shot_accuracy(train_forward, val_images, val_labels, classifier, stages[-1][1],
+                                      cfg.eval_batch, autocast)
+        train_forward.train()
+        return accuracy
+
+    def bad_samples():
+        found = data.BadSamples.collect(bad_dir, "training data") if os.path.isdir(bad_dir) else None
+        return found if found is not None and found.total() else None
+
+    def checkpoint(path):
+        save_training_checkpoint(path, train_forward, optimizer, step, {
+            "data_position": torch.tensor(position), "train_config": dataclasses.asdict(cfg),
+            "schedule": {"lr": lr, "resolution": resolution}})
+
+    batches = train_batches(dataset, cfg, position, rank, world_size, load_size, model.context_length, group)
+    warmup_steps = round(cfg.warmup_fraction * cfg.max_steps)
+    bar = tqdm(total=cfg.max_steps, initial=step, disable=not master, dynamic_ncols=True)
+    losses, images_per_second, accuracy = [], None, None
+    lr = resolution = None
+    last_time = time.time()
+    while step < cfg.max_steps:
+        images, tokens, next_position = next(batches)
+        resolution = resolution_at(step, cfg.max_steps, stages)
+        lr = lr_at(step, cfg.max_steps, cfg.lr, warmup_steps, cfg.min_lr, cfg.lr_schedule)
+        for param_group in optimizer.param_groups:
+            param_group["lr"] = lr
+        tokens = trim_padding(tokens)
+        images, tokens = images.to(device, non_blocking=True), tokens.to(device, non_blocking=True)
+        if images.shape[-2:] != (resolution, resolution):  # progressive resolution: resize the whole batch
+            images = F.interpolate(images, size=(resolution, resolution), mode="bilinear", antialias=True)
+        masking = None
+        if cfg.mask_fraction > 0 and cfg.mask_ratio > 0:
+            rows, patch_mask = sample_masks(len(images), resolution // patch_size, cfg.mask_fraction,
+                                            cfg.mask_ratio, step, cfg.seed, offset=rank * local_batch)
+            masking = (rows, patch_mask, apply_patch_mask(images[rows.to(device)], patch_mask, patch_size))
+        stats = contrastive_step(train_forward, optimizer, images, tokens, masking, cfg.mask_weight, group, autocast)
+        if not math.isfinite(stats["loss"]):
+            raise SystemExit(f"step {step}: the loss is {stats['loss']} (contrastive {stats['clip_loss']}, mask "
+                             f"{stats['mask_loss']}); stopping. Lower --lr, or --resume from the last checkpoint "
+                             f"in {cfg.out_dir}")
+        step, position = step + 1, next_position
+        losses.append(stats["loss"])
+        now = time.time()
+        rate = cfg.global_batch / max(now - last_time, 1e-9)
+        images_per_second = rate if images_per_second is None else 0.9 * images_per_second + 0.1 * rate
+        last_time = now
+        if master:
+            _log(metrics_path, {"step": step, **stats, "lr": lr, "resolution": resolution,
+                                "logit_scale": unwrap(train_forward).logit_scale.exp().item(),
+                                "images_per_s": round(images_per_second, 1)})
+            bar.set_postfix(loss=f"{stats['loss']:.3f}", lr=f"{lr:.2e}", res=resolution,
+                            img_s=f"{images_per_second:.0f}", refresh=False)
+            bar.update()
+        if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < cfg.max_steps:
+            checkpoint(os.path.join(cfg.out_dir, f"step_{step:06d}.pt"))
+            if master:
+                _prune_checkpoints(cfg.out_dir, cfg.keep_checkpoints)
+        if cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.max_steps:
+            accuracy = evaluate()
+            if master:
+                _log(metrics_path, {"step": step, "zero_shot_top1": accuracy})
+                bad = bad_samples()
+                tqdm.write(f"step {step}: held-out zero-shot top-1 {accuracy:.3f} (chance {1 / cfg.num_classes:.3f})"
+                           + (f"; {bad.report()}" if bad else ""))
+    bar.close()
+
+    final_path = os.path.join(cfg.out_dir, "final.pt")
+    checkpoint(final_path)
+    if cfg.eval_every:
+        accuracy = evaluate()
+    bad = bad_samples() if master else None
+    if master:
+        if accuracy is not None:
+            _log(metrics_path, {"step": step, "zero_shot_top1": accuracy})
+        if bad:
+            _log(metrics_path, {"step": step, "bad_samples": bad.counts})
+        print(f"trained {step} steps ({cfg.preset} recipe, {world_size} process(es), {device.type}); "
+              f"final loss {losses[-1] if losses else float('nan'):.4f}"
+              + (f"; held-out zero-shot top-1 {accuracy:.3f} over {cfg.num_classes} classes" if accuracy is not None
+                 else ""))
+        print(bad.report() if bad else "no bad samples")
+        print(f"checkpoint: {final_path}; metrics: {metrics_path}")
+    return {"losses": losses, "checkpoint": final_path, "zero_shot_top1": accuracy, "steps": step,
+            "bad_samples": dict(bad.counts) if bad else {}}
+
+
+def main():
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    cfg = make_config()
+    train(cfg)
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

@@ -52,7 +52,7 @@ CPU_LIMIT_GB = 8.0
 CPU_FULL_BATCH_MAX = 16384  # default CPU sweep: full-batch methods up to this B (time, see above)
 METHODS = ["chunked", "naive", "open_clip local/8", "chunked/8"]
 # fp32 buffers of (B, B) (naive) or (b, B) (local loss) at the peak, to skip cases that cannot fit:
-# measured 4.0-4.2 at B = 4096 and 16384 (bench/RESULTS.contrastive_loss.md), plus a margin
+# measured 4.0-4.2 at B = 4096 and 16384 (bench/RESULTS.md), plus a margin
 LOGIT_BUFFERS = 4.5
 
 

@@ -78,8 +78,10 @@ class LangConfig:
     device: str = "auto"  # auto = cuda if available, else cpu
     seed: int = 0
     # vision side (pe_architecture.md §8)
-    vision_layers: int = 0  # keep blocks 0..N-1 of the core tower; 0 = all but the last (PE-Lang: 23/24, 47/50)
-    pooling_ratio: int = 2  # average pooling of the projected token grid (official: 2 in stages 2/3)
+    vision_layers: int = 0  # keep blocks 0..N-1 of the core tower; 0 = all but the last (PE-Lang: 23/24, 47/50).
+    #                         evaluate.py's best layer i (0-based block index) is --vision_layers=i+1
+    pooling_ratio: int = 2  # r x r average pooling of the projected grid (PLM: 1 in stage 1, 2 later; one
+    #                         value here, so the LM reads as many image tokens in both stages)
     ls_init_value: Optional[float] = 0.1  # LayerScale added to the tower in stage 2; none = no LayerScale
     drop_path: float = 0.1  # stochastic depth of the tower in stage 2
     # language model: a Llama-format checkpoint folder, or a small decoder trained from scratch
@@ -572,8 +574,8 @@ def make_question(record, kind, phrasing, class_names, generator):
         return template, record["colour"]
     if kind == "yesno":
         present = torch.rand((), generator=generator).item() < 0.5
-        return template.format(a=data.with_article(pick(names) if present else pick(others))), \
-            "yes" if present else "no"
+        name = pick(names) if present else pick(others)
+        return template.format(a=data.with_article(name)), "yes" if present else "no"
     if kind == "which":
         right, wrong = names[0], pick(others)
         first, second = (right, wrong) if torch.rand((), generator=generator).item() < 0.5 else (wrong, right)

@@ -112,8 +112,9 @@ def test_compact_vocabulary_round_trips_known_words():
     assert vocab[:4] == [0, 49406, 49407, -1] and tokenizer.vocab_size == len(vocab) < 20
     ids = tokenizer.encode("is there a dog face?")
     assert min(ids) >= 4 and tokenizer.decode([tokenizer.bos_id] + ids + [tokenizer.eos_id]) == "is there a dog face ?"
-    assert tokenizer.encode("a cat face") == [tokenizer.to_lm[pe_model.get_tokenizer().encode("a")[0]],
-                                              tokenizer.unk_id, tokenizer.to_lm[pe_model.get_tokenizer().encode("face")[0]]]
+    clip_id = {word: pe_model.get_tokenizer().encode(word)[0] for word in ("a", "face")}
+    assert tokenizer.encode("a cat face") == [tokenizer.to_lm[clip_id["a"]], tokenizer.unk_id,
+                                              tokenizer.to_lm[clip_id["face"]]]  # "cat" is unknown
 
 
 def test_stage1_leaves_vision_and_lm_unchanged(core_checkpoint):

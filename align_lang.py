@@ -67,7 +67,7 @@ from tqdm import tqdm
 import data
 import pe_model
 from kernels.rope_attention import rope_apply
-from train_clip import build_optimizer, lr_at, parse_config, resolve_checkpoint
+from train_clip import build_optimizer, lr_at
 
 
 @dataclass
@@ -900,13 +900,13 @@ def vqa_accuracy(checkpoint_path, split="val", jsonl=None, max_samples=None, bat
 
 
 def main():
-    cfg = parse_config(LangConfig())
+    cfg = pe_model.parse_config(LangConfig())
     torch.manual_seed(cfg.seed)
     device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available() else
                           ("cpu" if cfg.device == "auto" else cfg.device))
     started = time.time()
 
-    checkpoint = resolve_checkpoint(cfg.checkpoint or None)
+    checkpoint = pe_model.resolve_checkpoint(cfg.checkpoint or None)
     core_state, core_vision_cfg = read_core_checkpoint(checkpoint, cfg.model)
     core_depth = core_vision_cfg["layers"]
     layers = cfg.vision_layers or max(1, core_depth - 1)

@@ -14,8 +14,10 @@ PE-Spatial layout) and is finetuned against two frozen teachers that see the exa
      L_loc = mean_ij (cos(S_i, S_j) - exp(t (cos(M_i, M_j) - 1)))^2.
   L_spatial = L_core + L_loc (weights 1 and 1, Tab. 22-23).
 
-The student is regularised so that copying a layer of itself is no tautology: drop path 0.4, LayerScale
-0.1 and MaskFeat-style masking of 75% of its input in 2x2-token blocks (Tab. 21); LAMB, lr 5e-4, betas
+The student is regularised so that copying a layer of itself is no tautology: drop path 0.4 and
+MaskFeat-style masking of 75% of its input in 2x2-token blocks (Tab. 21); LayerScale 0.1 only for G-size
+towers (--ls_init_value=0.1: the released PE-Spatial-G has it, the smaller Spatial configs do not, and on
+our short CPU run adding it to a core without one cost 1.3 mIoU points; bench/RESULTS.md); LAMB, lr 5e-4, betas
 (0.9, 0.95), weight decay 0.05, no warmup (the CPU default raises the lr to 2e-3 for its few hundred steps:
 4x 5e-4 beat 5e-4 on both probes at 150 steps). It trains above the core's pretraining resolution (1.5x by
 default; the released PE-Spatial T/S/B run at 512 px over cores at 384 / 224 px).
@@ -80,7 +82,9 @@ class SpatialConfig:
     mask_ratio: float = 0.75  # MaskFeat masking of the student's input
     mask_size: int = 2  # masked blocks of mask_size x mask_size tokens
     drop_path: float = 0.4
-    ls_init_value: Optional[float] = 0.1  # LayerScale added to a core that has none (none = no LayerScale)
+    # LayerScale added to a core that has none: None (the released Spatial T/S/B/L: "No layerscale on the
+    # smaller spatial models") or 0.1 (Spatial-G)
+    ls_init_value: Optional[float] = None
     # optimisation (Tab. 21: LAMB (0.9, 0.95), weight decay 0.05, lr 5e-4, no warmup, 24K steps of 12,288)
     lr: float = 2e-3  # 4x the paper's 5e-4 for a run of a few hundred steps (train_clip.py likewise scales up)
     weight_decay: float = 0.05
@@ -508,9 +512,9 @@ def score_table(scores):
 
 
 def main(argv=None):
-    cfg = train_clip.parse_config(SpatialConfig(), argv)
+    cfg = pe_model.parse_config(SpatialConfig(), argv)
     rank, world_size, _, device = train_clip.setup_distributed()
-    checkpoint = train_clip.resolve_checkpoint(cfg.checkpoint or None)
+    checkpoint = pe_model.resolve_checkpoint(cfg.checkpoint or None)
     if rank == 0:
         print(f"spatial alignment of {checkpoint} on {world_size} process(es), {device}")
     started = time.time()

@@ -251,7 +251,13 @@ def with_article(name: str) -> str:
     return f"{'an' if name[:1] in 'aeiou' else 'a'} {name}"
 
 
-def format_template(template: str, name: str) -> str:
+def format_template(template, name: str) -> str:
+    """A prompt from a template: ours ("an emoji of {a}." / "{name} icon"), the official benchmark's "{}"
+    format strings ("a photo of a {}."), or a callable name -> text."""
+    if callable(template):
+        return template(name)
+    if "{}" in template:
+        return template.format(name)
     return template.format(a=with_article(name), name=name)
 
 
@@ -675,6 +681,15 @@ def load_image(data: bytes | str) -> Image.Image:
 _IMAGE_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
 
 
+def load_image_or_count(path: str, bad: "BadSamples", key: str):
+    """load_image(path), or None after counting an unreadable or truncated image in `bad` under `key`."""
+    try:
+        return load_image(path)
+    except _IMAGE_ERRORS as error:
+        bad.add("bad_image", key, str(error))
+        return None
+
+
 def _split_tar_name(name: str) -> tuple[str, str]:
     """webdataset convention: "dir/0001.seg.jpg" -> key "dir/0001", extension "seg.jpg" (the first dot of
     the file name starts the extension)."""
@@ -816,10 +831,8 @@ class TarShards(torch.utils.data.IterableDataset):
                 return None
         generator = item_generator(self.seed, "tar", self.epoch, os.path.basename(shard), key)
         if self.media == "image":
-            try:
-                image = load_image(files[extension])
-            except _IMAGE_ERRORS as error:
-                self.bad.add("bad_image", label, str(error))
+            image = load_image_or_count(files[extension], self.bad, label)
+            if image is None:
                 return None
             pixels = self.transform(image, generator)
         else:
@@ -913,10 +926,8 @@ class CaptionFile(torch.utils.data.Dataset):
 
     def __getitem__(self, index):
         path, caption = self.items[index]
-        try:
-            image = load_image(os.path.join(self.image_root, path))
-        except _IMAGE_ERRORS as error:
-            self.bad.add("bad_image", path, str(error))
+        image = load_image_or_count(os.path.join(self.image_root, path), self.bad, path)
+        if image is None:
             return None
         return self.transform(image, item_generator(self.seed, "captions", self.epoch, index)), caption, path
 
@@ -970,10 +981,8 @@ class CocoCaptions(torch.utils.data.Dataset):
         self.epoch = epoch
 
     def __getitem__(self, index):
-        try:
-            image = load_image(os.path.join(self.image_root, self.files[index]))
-        except _IMAGE_ERRORS as error:
-            self.bad.add("bad_image", self.files[index], str(error))
+        image = load_image_or_count(os.path.join(self.image_root, self.files[index]), self.bad, self.files[index])
+        if image is None:
             return None
         generator = item_generator(self.seed, "coco", self.epoch, index)
         captions = self.captions[index]
@@ -1036,10 +1045,8 @@ class ClassFolder(torch.utils.data.Dataset):
 
     def __getitem__(self, index):
         path, label = self.samples[index]
-        try:
-            image = load_image(os.path.join(self.root, path))
-        except _IMAGE_ERRORS as error:
-            self.bad.add("bad_image", path, str(error))
+        image = load_image_or_count(os.path.join(self.root, path), self.bad, path)
+        if image is None:
             return None
         caption = f"a photo of {with_article(self.class_names[label])}."
         return self.transform(image, item_generator(self.seed, "folder", self.epoch, index)), caption, label

@@ -68,7 +68,6 @@ from tqdm import tqdm
 
 import data
 import pe_model
-import train_clip
 
 TASKS = ("zero_shot", "robustness", "retrieval", "video_zero_shot", "layerwise", "tracking", "vqa")
 
@@ -141,7 +140,7 @@ def load_eval_model(cfg):
             raise SystemExit("--random_init needs --model=NAME (e.g. --model=PE-Core-Nano8-64)")
         torch.manual_seed(cfg.seed)
         return pe_model.build_model(cfg.model).eval(), f"{cfg.model}, random weights (seed {cfg.seed})", None
-    path = train_clip.resolve_checkpoint(cfg.checkpoint or None)
+    path = pe_model.resolve_checkpoint(cfg.checkpoint or None)
     try:
         model = pe_model.load_model(path, cfg.model or None)
     except ValueError as error:  # CheckpointMismatchError is a ValueError
@@ -166,7 +165,8 @@ def resolve_defaults(cfg, model, checkpoint_path):
         cfg.num_classes = int(trained.get("num_classes", 100))
     if not cfg.image_size:
         stages = trained.get("resolution_stages")
-        cfg.image_size = train_clip.parse_stages(stages)[-1][1] if stages else vision_tower(model).image_size
+        # the last "fraction:resolution" stage: where train_clip.py trained last and evaluated
+        cfg.image_size = int(str(stages[-1]).split(":")[-1]) if stages else vision_tower(model).image_size
     if trained and cfg.seed == 0:
         cfg.seed = int(trained.get("seed", 0))
     return cfg
@@ -225,20 +225,11 @@ def encode_image_dataset(model, dataset, batch_size=64, device="cpu", desc="imag
 # Zero-shot classification (pe_architecture.md §4: clip_benchmark's protocol)
 
 
-def format_prompt(template, name):
-    """A prompt from a template: data.py's "{a}" / "{name}" style, a "{}" format string, or a callable."""
-    if callable(template):
-        return template(name)
-    if "{}" in template:
-        return template.format(name)
-    return data.format_template(template, name)
-
-
 @torch.no_grad()
 def zero_shot_classifier(model, class_names, templates=tuple(data.ZERO_SHOT_TEMPLATES), batch_size=256, device="cpu"):
     """The zero-shot classifier (D, C): per class, the mean of the L2-normalised text embeddings of the class
     name in every template, renormalised (the official benchmark's prompt ensemble)."""
-    texts = [format_prompt(template, name) for name in class_names for template in templates]
+    texts = [data.format_template(template, name) for name in class_names for template in templates]
     embeddings = encode_texts(model, texts, batch_size, device)  # (C*T, D)
     per_class = embeddings.view(len(class_names), len(templates), -1).mean(dim=1)  # (C, D)
     return F.normalize(per_class, dim=-1).T
@@ -1333,7 +1324,7 @@ def summary_line(task, entry):
 
 
 def main(argv=None):
-    cfg = train_clip.parse_config(EvalConfig(), argv)
+    cfg = pe_model.parse_config(EvalConfig(), argv)
     selected = [task for task in TASKS if getattr(cfg, task)]
     if cfg.all or not selected:
         selected = list(TASKS)

@@ -19,14 +19,18 @@ strict=True and no conversion, and checkpoints written here load into the offici
 the model and nothing else: no training code (see train_clip.py and the other stage scripts).
 
 Contents, in order: configs; tokenizer; preprocessing; 2D RoPE; building blocks; vision tower; text tower;
-CLIP; building and loading.
+CLIP; building and loading; last, two helpers every stage script shares (parse_config for --field=value
+options, resolve_checkpoint for the default PE-core checkpoint).
 """
 
 import gzip
 import html
 import math
 import os
+import glob
 import re
+import sys
+import typing
 from dataclasses import asdict, dataclass, fields
 from functools import lru_cache
 from typing import Optional
@@ -734,3 +738,79 @@ def load_model(checkpoint=None, name=None):
                          f"name the model, e.g. --model=PE-Core-B16-224")
     model = build_model(config)
     return load_checkpoint(model, blob, name=str(checkpoint))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Shared by the stage scripts (not model code, but the one file they all import): command-line configs and
+# the default PE-core checkpoint. Every config field is overridable as --field=value (a bare --flag sets a
+# bool to True).
+
+
+def _parse_value(text, kind, name):
+    origin = typing.get_origin(kind)
+    if origin is typing.Union:  # Optional[X]
+        if text.lower() in ("none", "null"):
+            return None
+        kind = next(k for k in typing.get_args(kind) if k is not type(None))
+        origin = typing.get_origin(kind)
+    try:
+        if kind is bool:
+            if text.lower() in ("1", "true", "yes", "on"):
+                return True
+            if text.lower() in ("0", "false", "no", "off"):
+                return False
+            raise ValueError(text)
+        if kind in (int, float, str):
+            return kind(text)
+        if origin in (tuple, list):  # comma-separated: --stages=0.25:98,0.75:224 is parsed by the stage itself
+            item = typing.get_args(kind)[0] if typing.get_args(kind) else str
+            values = [_parse_value(v, item, name) for v in text.split(",") if v != ""]
+            return tuple(values) if origin is tuple else values
+    except (ValueError, TypeError):
+        raise SystemExit(f"--{name}={text}: not a valid {getattr(kind, '__name__', kind)}") from None
+    return text
+
+
+def parse_config(config, argv=None):
+    """Override the fields of a config dataclass instance from --field=value arguments; returns it.
+    An unknown option or a malformed value stops with one message naming it."""
+    argv = sys.argv[1:] if argv is None else argv
+    hints = typing.get_type_hints(type(config))
+    names = [f.name for f in fields(config)]
+    for arg in argv:
+        if not arg.startswith("--"):
+            raise SystemExit(f"unexpected argument {arg!r}: options are --field=value")
+        name, has_value, text = arg[2:].partition("=")
+        name = name.replace("-", "_")
+        if name not in names:
+            raise SystemExit(f"unknown option --{name}; the options are: " + " ".join(f"--{n}" for n in names))
+        if not has_value:
+            if hints[name] is not bool:
+                raise SystemExit(f"--{name} needs a value: --{name}=...")
+            text = "true"
+        setattr(config, name, _parse_value(text, hints[name], name))
+    return config
+
+
+DEFAULT_CORE_DIR = "out/clip"  # where `python train_clip.py` writes with its default settings
+
+
+def latest_checkpoint(out_dir=DEFAULT_CORE_DIR):
+    """The newest checkpoint (*.pt) train_clip.py wrote into out_dir, or None."""
+    paths = [p for p in glob.glob(os.path.join(out_dir, "*.pt")) if os.path.isfile(p)]
+    return max(paths, key=os.path.getmtime) if paths else None
+
+
+def resolve_checkpoint(path=None):
+    """The checkpoint a stage starts from: `path` if given (it must exist), else the newest one that
+    `python train_clip.py` wrote with its default settings; otherwise one message saying how to make one."""
+    if path:
+        if not os.path.isfile(path):
+            raise SystemExit(f"--checkpoint={path}: no such file")
+        return path
+    found = latest_checkpoint()
+    if found is None:
+        raise SystemExit(f"no checkpoint given and none found in {DEFAULT_CORE_DIR}/: run `python train_clip.py` "
+                         "first (a few minutes on CPU), or pass --checkpoint=PATH (ours or an official PE-Core .pt "
+                         "with --model=NAME)")
+    return found

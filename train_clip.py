@@ -25,7 +25,7 @@ and bad_samples/ (skipped inputs, counted per reason).
 Pieces other stages import: LAMB, param_groups, build_optimizer, lr_at, parse_stages, resolution_at,
 setup_distributed, wrap_for_training, TrainingForward, sample_masks, mask_regularization_loss,
 contrastive_step, zero_shot_classifier, zero_shot_accuracy, save_training_checkpoint,
-load_training_checkpoint, parse_config, latest_checkpoint, resolve_checkpoint.
+load_training_checkpoint.
 """
 
 import dataclasses
@@ -36,7 +36,6 @@ import logging
 import math
 import os
 import random
-import sys
 import time
 import typing
 from dataclasses import dataclass
@@ -73,8 +72,10 @@ class TrainConfig:
     shuffle_buffer: int = 1000  # tar: samples shuffled in a buffer of this size
     # recipe (§2.1, in the order of the paper's ablation)
     global_batch: int = 128  # images per step over all ranks (§2.1 doubles it: more negatives)
-    max_steps: int = 600  # the default run: ~77K images, under 10 minutes on 2 CPU cores
-    resolution_stages: typing.Tuple[str, ...] = ("0.3:32", "0.3:48", "0.3:64", "0.1:80")  # fraction:resolution
+    max_steps: int = 400  # the default run: ~51K images, ~7 minutes on 2 idle CPU cores (bench/RESULTS.md)
+    # fraction:resolution. The default ends at the model's native 64 px; most steps run at 32-40 px, where a
+    # step costs half as much (§2.1's point: progressive resolution buys steps)
+    resolution_stages: typing.Tuple[str, ...] = ("0.4:32", "0.3:40", "0.2:48", "0.1:64")
     load_size: int = 0  # images are read at this size and resized per stage; 0 = the largest stage resolution
     optimizer: str = "lamb"  # lamb (§2.1) | adamw (vanilla)
     lr: float = 2e-3  # §2.1: LAMB at 2e-3 (5x that made the default model collapse to a constant embedding)
@@ -93,7 +94,7 @@ class TrainConfig:
     mask_weight: float = 1.0  # weight of the mask-regularization loss next to the contrastive loss
     # run
     seed: int = 0
-    out_dir: str = "out/clip"  # where checkpoints (*.pt), logs and metrics go
+    out_dir: str = pe_model.DEFAULT_CORE_DIR  # where checkpoints (*.pt), logs and metrics go (out/clip)
     resume: bool = False  # continue from the newest checkpoint in out_dir
     checkpoint_every: int = 250  # steps; 0 = only the final checkpoint
     keep_checkpoints: int = 2  # step checkpoints kept on disk (final.pt is always kept)
@@ -107,94 +108,18 @@ class TrainConfig:
 # defaults of TrainConfig are the "pe" preset.
 PRESETS = {
     "pe": {},
-    "vanilla": dict(global_batch=64, max_steps=1200, resolution_stages=("1:64",), optimizer="adamw", lr=1e-3,
+    "vanilla": dict(global_batch=64, max_steps=800, resolution_stages=("1:64",), optimizer="adamw", lr=1e-3,
                     betas=(0.9, 0.98), weight_decay=0.2, use_rope2d=False, pool_type="tok", crop_scale=(0.9, 1.0),
                     brightness=0.0, saturation=0.0, hflip_prob=0.0, mask_fraction=0.0),
 }
 
 
-# ---------------------------------------------------------------------------------------------------------
-# Command line: every config field is overridable as --field=value (a bare --flag sets a bool to True).
-# Shared by every stage script, which imports it from here.
-
-
-def _parse_value(text, kind, name):
-    origin = typing.get_origin(kind)
-    if origin is typing.Union:  # Optional[X]
-        if text.lower() in ("none", "null"):
-            return None
-        kind = next(k for k in typing.get_args(kind) if k is not type(None))
-        origin = typing.get_origin(kind)
-    try:
-        if kind is bool:
-            if text.lower() in ("1", "true", "yes", "on"):
-                return True
-            if text.lower() in ("0", "false", "no", "off"):
-                return False
-            raise ValueError(text)
-        if kind in (int, float, str):
-            return kind(text)
-        if origin in (tuple, list):  # comma-separated: --stages=0.25:98,0.75:224 is parsed by the stage itself
-            item = typing.get_args(kind)[0] if typing.get_args(kind) else str
-            values = [_parse_value(v, item, name) for v in text.split(",") if v != ""]
-            return tuple(values) if origin is tuple else values
-    except (ValueError, TypeError):
-        raise SystemExit(f"--{name}={text}: not a valid {getattr(kind, '__name__', kind)}") from None
-    return text
-
-
-def parse_config(config, argv=None):
-    """Override the fields of a config dataclass instance from --field=value arguments; returns it.
-    An unknown option or a malformed value stops with one message naming it."""
-    argv = sys.argv[1:] if argv is None else argv
-    hints = typing.get_type_hints(type(config))
-    names = [f.name for f in dataclasses.fields(config)]
-    for arg in argv:
-        if not arg.startswith("--"):
-            raise SystemExit(f"unexpected argument {arg!r}: options are --field=value")
-        name, has_value, text = arg[2:].partition("=")
-        name = name.replace("-", "_")
-        if name not in names:
-            raise SystemExit(f"unknown option --{name}; the options are: " + " ".join(f"--{n}" for n in names))
-        if not has_value:
-            if hints[name] is not bool:
-                raise SystemExit(f"--{name} needs a value: --{name}=...")
-            text = "true"
-        setattr(config, name, _parse_value(text, hints[name], name))
-    return config
-
-
 def make_config(argv=None):
     """TrainConfig from the command line: the --preset's values first, then every explicit option."""
-    preset = parse_config(TrainConfig(), argv).preset  # a first pass reads --preset (and checks every option)
+    preset = pe_model.parse_config(TrainConfig(), argv).preset  # a first pass reads --preset (and checks every option)
     if preset not in PRESETS:
         raise SystemExit(f"--preset={preset}: unknown; the presets are {', '.join(PRESETS)}")
-    return parse_config(TrainConfig(preset=preset, **PRESETS[preset]), argv)
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Checkpoint discovery, shared by the stages that start from a PE-core checkpoint.
-
-
-def latest_checkpoint(out_dir=TrainConfig.out_dir):
-    """The newest checkpoint (*.pt) train_clip.py wrote into out_dir, or None."""
-    paths = [p for p in glob.glob(os.path.join(out_dir, "*.pt")) if os.path.isfile(p)]
-    return max(paths, key=os.path.getmtime) if paths else None
-
-
-def resolve_checkpoint(path=None):
-    """The checkpoint a stage starts from: `path` if given (it must exist), else the newest one that
-    `python train_clip.py` wrote with its default settings; otherwise one message saying how to make one."""
-    if path:
-        if not os.path.isfile(path):
-            raise SystemExit(f"--checkpoint={path}: no such file")
-        return path
-    found = latest_checkpoint()
-    if found is None:
-        raise SystemExit(f"no checkpoint given and none found in {TrainConfig.out_dir}/: run `python train_clip.py` "
-                         "first (a few minutes on CPU), or pass --checkpoint=PATH (ours or an official PE-Core .pt "
-                         "with --model=NAME)")
-    return found
+    return pe_model.parse_config(TrainConfig(preset=preset, **PRESETS[preset]), argv)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -838,7 +763,7 @@ def train(cfg):
     metrics_path = os.path.join(cfg.out_dir, "metrics.jsonl")
     dataset = build_train_dataset(cfg, load_size, bad_dir)
     step, position = 0, (0, 0)
-    resumed_from = latest_checkpoint(cfg.out_dir) if cfg.resume else None
+    resumed_from = pe_model.latest_checkpoint(cfg.out_dir) if cfg.resume else None
     if resumed_from:
         state = load_training_checkpoint(resumed_from, train_forward, optimizer)
         step, position = int(state["step"]), tuple(int(v) for v in state["data_position"])
@@ -852,7 +777,7 @@ def train(cfg):
         os.makedirs(cfg.out_dir, exist_ok=True)
         if cfg.resume and not resumed_from:
             print(f"--resume: no checkpoint in {cfg.out_dir}, starting from scratch")
-        if not resumed_from and latest_checkpoint(cfg.out_dir):
+        if not resumed_from and pe_model.latest_checkpoint(cfg.out_dir):
             print(f"note: {cfg.out_dir} holds checkpoints of an earlier run; this run starts from scratch "
                   "(--resume continues the newest)")
         kept = []  # the metrics of the steps the checkpoint covers; a killed run's later lines are dropped

@@ -817,11 +817,11 @@ def video_zero_shot(model, checkpoint, cfg, device):
 
 
 def main(argv=None):
-    cfg = train_clip.parse_config(VideoEngineConfig(), argv)
+    cfg = pe_model.parse_config(VideoEngineConfig(), argv)
     rank, world_size, _, device = train_clip.setup_distributed()
     if cfg.device:
         device = torch.device(cfg.device)
-    checkpoint = train_clip.resolve_checkpoint(cfg.checkpoint or None)
+    checkpoint = pe_model.resolve_checkpoint(cfg.checkpoint or None)
     try:
         model = pe_model.load_model(checkpoint, name=cfg.model or None).to(device)
     except ValueError as error:  # CheckpointMismatchError is a ValueError
@@ -839,6 +839,7 @@ def main(argv=None):
               f"{len(engine['shards'])} shard(s) in {os.path.join(cfg.out_dir, 'shards')} "
               f"({time.time() - started:.0f} s)")
         print(bad.report())
+        quality = None
         if not cfg.videos:
             quality = embedded_caption_accuracy(cfg.out_dir)
             print(f"machine captions of the {quality['videos']} unrefined embedded videos: right object "
@@ -853,9 +854,19 @@ def main(argv=None):
             print(f"finetuned to step {cfg.steps} from {checkpoint}: loss {result['losses'][0]:.3f} -> "
                   f"{result['losses'][-1]:.3f}")
         if before and after:
-            print(f"video zero-shot top-1 ({after['videos']} held-out videos, {after['classes']} classes): "
-                  f"{before['top1']:.1f}% -> {after['top1']:.1f}%")
-        print(f"checkpoint: {result['path']}")
+            print(f"video zero-shot ({after['videos']} held-out videos, {after['classes']} classes), before -> after:"
+                  f"\n| | top-1 % | top-5 % |\n|---|---|---|\n| {checkpoint} | {before['top1']:.1f} | "
+                  f"{before['top5']:.1f} |\n| {result['path']} | {after['top1']:.1f} | {after['top5']:.1f} |")
+        summary = {"checkpoint": checkpoint, "finetuned": result["path"], "steps": cfg.steps,
+                   "engine": {k: v for k, v in engine.items() if k != "bad"}, "bad_samples": dict(bad.counts),
+                   "embedded_caption_accuracy": quality,
+                   "loss_first": result["losses"][0] if result["losses"] else None,
+                   "loss_last": result["losses"][-1] if result["losses"] else None,
+                   "video_zero_shot_before": before, "video_zero_shot_after": after}
+        with open(os.path.join(cfg.out_dir, "results.json.tmp"), "w") as f:
+            json.dump(summary, f, indent=1, default=str)
+        os.replace(os.path.join(cfg.out_dir, "results.json.tmp"), os.path.join(cfg.out_dir, "results.json"))
+        print(f"checkpoint: {result['path']}; summary: {os.path.join(cfg.out_dir, 'results.json')}")
     if dist.is_initialized():
         dist.destroy_process_group()
 

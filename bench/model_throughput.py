@@ -55,7 +55,7 @@ def main():
                      "device": args.device, "seconds_per_batch": round(seconds, 4),
                      "images_per_second": round(args.batch / seconds, 2)})
     machine = f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}"
-    print(f"| model | res | batch | dtype | device | s/batch | images/s |\n|---|---|---|---|---|---|---|")
+    print("| model | res | batch | dtype | device | s/batch | images/s |\n|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['model']} | {r['image_size']} | {r['batch']} | {r['dtype']} | {r['device']} | "
               f"{r['seconds_per_batch']} | {r['images_per_second']} |")

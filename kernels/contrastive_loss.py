@@ -206,6 +206,25 @@ def _tile_weighted_sums_reference(image, text_all, scale, lse_rows, lse_cols, ch
 # quantities without atomics.
 
 @triton.jit
+def _tile_dots(rows_ptr, cols_ptr, row_offsets, col_offsets, row_valid, col_valid, dim, BLOCK: tl.constexpr,
+               BLOCK_D: tl.constexpr, UPCAST_DOT: tl.constexpr):
+    """rows[i] . cols[j] for one (BLOCK, BLOCK) tile, accumulated in fp32 over BLOCK_D-wide feature slices
+    (padded rows, columns and features load as zero)."""
+    dots = tl.zeros((BLOCK, BLOCK), tl.float32)
+    for d_start in range(0, dim, BLOCK_D):
+        feats = d_start + tl.arange(0, BLOCK_D)
+        feat_valid = feats < dim
+        row_tile = tl.load(rows_ptr + row_offsets[:, None] + feats[None, :],
+                           mask=row_valid[:, None] & feat_valid[None, :], other=0.0)
+        col_tile = tl.load(cols_ptr + col_offsets[:, None] + feats[None, :],
+                           mask=col_valid[:, None] & feat_valid[None, :], other=0.0)
+        if UPCAST_DOT:
+            row_tile, col_tile = row_tile.to(tl.float32), col_tile.to(tl.float32)
+        dots = tl.dot(row_tile, tl.trans(col_tile), dots, input_precision="ieee")
+    return dots
+
+
+@triton.jit
 def _lse_kernel(rows_ptr, cols_ptr, scale_ptr, lse_ptr, n_rows, n_cols, dim,
                 BLOCK: tl.constexpr, BLOCK_D: tl.constexpr, UPCAST_DOT: tl.constexpr):
     """lse[i] = log sum_j exp(s * rows[i] . cols[j]) for one block of rows, online over column blocks."""
@@ -219,17 +238,8 @@ def _lse_kernel(rows_ptr, cols_ptr, scale_ptr, lse_ptr, n_rows, n_cols, dim,
         cols = col_start + tl.arange(0, BLOCK)
         col_valid = cols < n_cols
         col_offsets = cols.to(tl.int64) * dim
-        dots = tl.zeros((BLOCK, BLOCK), tl.float32)
-        for d_start in range(0, dim, BLOCK_D):
-            feats = d_start + tl.arange(0, BLOCK_D)
-            feat_valid = feats < dim
-            row_tile = tl.load(rows_ptr + row_offsets[:, None] + feats[None, :],
-                               mask=row_valid[:, None] & feat_valid[None, :], other=0.0)
-            col_tile = tl.load(cols_ptr + col_offsets[:, None] + feats[None, :],
-                               mask=col_valid[:, None] & feat_valid[None, :], other=0.0)
-            if UPCAST_DOT:
-                row_tile, col_tile = row_tile.to(tl.float32), col_tile.to(tl.float32)
-            dots = tl.dot(row_tile, tl.trans(col_tile), dots, input_precision="ieee")
+        dots = _tile_dots(rows_ptr, cols_ptr, row_offsets, col_offsets, row_valid, col_valid, dim, BLOCK, BLOCK_D,
+                          UPCAST_DOT)
         logits = tl.where(col_valid[None, :], scale * dots, float("-inf"))        # (BLOCK, BLOCK)
         new_max = tl.maximum(running_max, tl.max(logits, axis=1))
         running_sum = running_sum * tl.exp(running_max - new_max) \
@@ -257,17 +267,8 @@ def _weighted_sum_kernel(rows_ptr, cols_ptr, scale_ptr, lse_rows_ptr, lse_cols_p
         col_valid = cols < n_cols
         col_offsets = cols.to(tl.int64) * dim
         lse_cols = tl.load(lse_cols_ptr + cols, mask=col_valid, other=0.0)
-        dots = tl.zeros((BLOCK, BLOCK), tl.float32)
-        for d_start in range(0, dim, BLOCK_D):
-            feats = d_start + tl.arange(0, BLOCK_D)
-            feat_valid = feats < dim
-            row_tile = tl.load(rows_ptr + row_offsets[:, None] + feats[None, :],
-                               mask=row_valid[:, None] & feat_valid[None, :], other=0.0)
-            col_tile = tl.load(cols_ptr + col_offsets[:, None] + feats[None, :],
-                               mask=col_valid[:, None] & feat_valid[None, :], other=0.0)
-            if UPCAST_DOT:
-                row_tile, col_tile = row_tile.to(tl.float32), col_tile.to(tl.float32)
-            dots = tl.dot(row_tile, tl.trans(col_tile), dots, input_precision="ieee")
+        dots = _tile_dots(rows_ptr, cols_ptr, row_offsets, col_offsets, row_valid, col_valid, dim, BLOCK, BLOCK_D,
+                          UPCAST_DOT)
         logits = scale * dots                                                      # (BLOCK, BLOCK)
         # (padded rows are never stored; padded columns load zero features, so they add nothing)
         weights = tl.exp(logits - lse_rows[:, None]) + tl.exp(logits - lse_cols[None, :])

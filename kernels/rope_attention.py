@@ -142,6 +142,21 @@ def _rotate_pairs(x, cos, sin, ROWS: tl.constexpr, BLOCK_D: tl.constexpr):
 
 
 @triton.jit
+def _angles(COS, SIN, offs_rows, mask_rows, offs_p, mask_p, HALF: tl.constexpr):
+    """The cos and sin tiles (rows, BLOCK_D/2) of the RoPE angle table at these token rows."""
+    return (_load_rows(COS, offs_rows, mask_rows, offs_p, mask_p, HALF),
+            _load_rows(SIN, offs_rows, mask_rows, offs_p, mask_p, HALF))
+
+
+@triton.jit
+def _load_rotated(X, offs_rows, mask_rows, offs_d, mask_d, row_stride, COS, SIN, offs_p, mask_p, HALF: tl.constexpr,
+                  ROWS: tl.constexpr, BLOCK_D: tl.constexpr):
+    """rot(x) (float32) for a (ROWS, BLOCK_D) tile of q or k: the rotation happens on load, in registers."""
+    cos, sin = _angles(COS, SIN, offs_rows, mask_rows, offs_p, mask_p, HALF)
+    return _rotate_pairs(_load_rows(X, offs_rows, mask_rows, offs_d, mask_d, row_stride), cos, sin, ROWS, BLOCK_D)
+
+
+@triton.jit
 def _rope_attn_fwd_kernel(Q, K, V, COS, SIN, O, LSE, stride_z, stride_h, stride_n, H, N, qk_scale,
                           HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                           DOT_PRECISION: tl.constexpr, DOT_DTYPE: tl.constexpr):
@@ -154,10 +169,8 @@ def _rope_attn_fwd_kernel(Q, K, V, COS, SIN, O, LSE, stride_z, stride_h, stride_
     mask_m, mask_d, mask_p = offs_m < N, offs_d < HEAD_DIM, offs_p < HEAD_DIM // 2
 
     # rot(q) for this query block, rounded to the input dtype like rotate-then-attend would
-    q = _load_rows(Q + base, offs_m, mask_m, offs_d, mask_d, stride_n)
-    cos_m = _load_rows(COS, offs_m, mask_m, offs_p, mask_p, HEAD_DIM // 2)
-    sin_m = _load_rows(SIN, offs_m, mask_m, offs_p, mask_p, HEAD_DIM // 2)
-    q = _rotate_pairs(q, cos_m, sin_m, BLOCK_M, BLOCK_D).to(Q.dtype.element_ty).to(DOT_DTYPE)
+    q = _load_rotated(Q + base, offs_m, mask_m, offs_d, mask_d, stride_n, COS, SIN, offs_p, mask_p,
+                      HEAD_DIM // 2, BLOCK_M, BLOCK_D).to(Q.dtype.element_ty).to(DOT_DTYPE)
 
     m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)  # running row max (log2 units)
     l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)  # running row sum of exp2(s - m_i)
@@ -165,11 +178,9 @@ def _rope_attn_fwd_kernel(Q, K, V, COS, SIN, O, LSE, stride_z, stride_h, stride_
     for start_n in range(0, N, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         mask_n = offs_n < N
-        k = _load_rows(K + base, offs_n, mask_n, offs_d, mask_d, stride_n)
+        k = _load_rotated(K + base, offs_n, mask_n, offs_d, mask_d, stride_n, COS, SIN, offs_p, mask_p,
+                          HEAD_DIM // 2, BLOCK_N, BLOCK_D).to(K.dtype.element_ty).to(DOT_DTYPE)
         v = _load_rows(V + base, offs_n, mask_n, offs_d, mask_d, stride_n).to(DOT_DTYPE)
-        cos = _load_rows(COS, offs_n, mask_n, offs_p, mask_p, HEAD_DIM // 2)
-        sin = _load_rows(SIN, offs_n, mask_n, offs_p, mask_p, HEAD_DIM // 2)
-        k = _rotate_pairs(k, cos, sin, BLOCK_N, BLOCK_D).to(K.dtype.element_ty).to(DOT_DTYPE)
 
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale  # (BLOCK_M, BLOCK_N), log2 units
         s = tl.where(mask_n[None, :], s, float("-inf"))
@@ -201,10 +212,8 @@ def _rope_attn_bwd_dq_kernel(Q, K, V, COS, SIN, O, DO, LSE, DELTA, DQ, stride_z,
     offs_p = tl.arange(0, BLOCK_D // 2)
     mask_m, mask_d, mask_p = offs_m < N, offs_d < HEAD_DIM, offs_p < HEAD_DIM // 2
 
-    q = _load_rows(Q + base, offs_m, mask_m, offs_d, mask_d, stride_n)
-    cos_m = _load_rows(COS, offs_m, mask_m, offs_p, mask_p, HEAD_DIM // 2)
-    sin_m = _load_rows(SIN, offs_m, mask_m, offs_p, mask_p, HEAD_DIM // 2)
-    q = _rotate_pairs(q, cos_m, sin_m, BLOCK_M, BLOCK_D).to(Q.dtype.element_ty).to(DOT_DTYPE)
+    q = _load_rotated(Q + base, offs_m, mask_m, offs_d, mask_d, stride_n, COS, SIN, offs_p, mask_p,
+                      HEAD_DIM // 2, BLOCK_M, BLOCK_D).to(Q.dtype.element_ty).to(DOT_DTYPE)
     do = _load_rows(DO + do_base, offs_m, mask_m, offs_d, mask_d, stride_don).to(DOT_DTYPE)
     o = _load_rows(O + out_base, offs_m, mask_m, offs_d, mask_d, HEAD_DIM)
     delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)  # Delta_i = sum_j P_ij dP_ij = dO_i . O_i
@@ -215,11 +224,9 @@ def _rope_attn_bwd_dq_kernel(Q, K, V, COS, SIN, O, DO, LSE, DELTA, DQ, stride_z,
     for start_n in range(0, N, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         mask_n = offs_n < N
-        k = _load_rows(K + base, offs_n, mask_n, offs_d, mask_d, stride_n)
+        k = _load_rotated(K + base, offs_n, mask_n, offs_d, mask_d, stride_n, COS, SIN, offs_p, mask_p,
+                          HEAD_DIM // 2, BLOCK_N, BLOCK_D).to(K.dtype.element_ty).to(DOT_DTYPE)
         v = _load_rows(V + base, offs_n, mask_n, offs_d, mask_d, stride_n).to(DOT_DTYPE)
-        cos = _load_rows(COS, offs_n, mask_n, offs_p, mask_p, HEAD_DIM // 2)
-        sin = _load_rows(SIN, offs_n, mask_n, offs_p, mask_p, HEAD_DIM // 2)
-        k = _rotate_pairs(k, cos, sin, BLOCK_N, BLOCK_D).to(K.dtype.element_ty).to(DOT_DTYPE)
 
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale  # (BLOCK_M, BLOCK_N)
         p = tl.where(mask_n[None, :], tl.exp2(s - lse[:, None]), 0.0)  # the forward's probabilities
@@ -229,8 +236,7 @@ def _rope_attn_bwd_dq_kernel(Q, K, V, COS, SIN, O, DO, LSE, DELTA, DQ, stride_z,
 
     # d rot(q) -> dq: rotate back by -angle (the rotation is orthogonal, its inverse is its transpose).
     # The cos/sin tiles are loaded again (from cache) rather than kept in registers through the loop.
-    cos_m = _load_rows(COS, offs_m, mask_m, offs_p, mask_p, HEAD_DIM // 2)
-    sin_m = _load_rows(SIN, offs_m, mask_m, offs_p, mask_p, HEAD_DIM // 2)
+    cos_m, sin_m = _angles(COS, SIN, offs_m, mask_m, offs_p, mask_p, HEAD_DIM // 2)
     dq = _rotate_pairs(dq * sm_scale, cos_m, -sin_m, BLOCK_M, BLOCK_D)
     tl.store(DQ + out_base + offs_m[:, None] * HEAD_DIM + offs_d[None, :], dq.to(DQ.dtype.element_ty),
              mask=mask_m[:, None] & mask_d[None, :])
@@ -251,22 +257,18 @@ def _rope_attn_bwd_dkdv_kernel(Q, K, V, COS, SIN, DO, LSE, DELTA, DK, DV, stride
     offs_p = tl.arange(0, BLOCK_D // 2)
     mask_n, mask_d, mask_p = offs_n < N, offs_d < HEAD_DIM, offs_p < HEAD_DIM // 2
 
-    k = _load_rows(K + base, offs_n, mask_n, offs_d, mask_d, stride_n)
+    k = _load_rotated(K + base, offs_n, mask_n, offs_d, mask_d, stride_n, COS, SIN, offs_p, mask_p,
+                      HEAD_DIM // 2, BLOCK_N, BLOCK_D).to(K.dtype.element_ty).to(DOT_DTYPE)
     v = _load_rows(V + base, offs_n, mask_n, offs_d, mask_d, stride_n).to(DOT_DTYPE)
-    cos_n = _load_rows(COS, offs_n, mask_n, offs_p, mask_p, HEAD_DIM // 2)
-    sin_n = _load_rows(SIN, offs_n, mask_n, offs_p, mask_p, HEAD_DIM // 2)
-    k = _rotate_pairs(k, cos_n, sin_n, BLOCK_N, BLOCK_D).to(K.dtype.element_ty).to(DOT_DTYPE)
 
     dk = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
     dv = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
     for start_m in range(0, N, BLOCK_M):
         offs_m = start_m + tl.arange(0, BLOCK_M)
         mask_m = offs_m < N
-        q = _load_rows(Q + base, offs_m, mask_m, offs_d, mask_d, stride_n)
+        q = _load_rotated(Q + base, offs_m, mask_m, offs_d, mask_d, stride_n, COS, SIN, offs_p, mask_p,
+                          HEAD_DIM // 2, BLOCK_M, BLOCK_D).to(Q.dtype.element_ty).to(DOT_DTYPE)
         do = _load_rows(DO + do_base, offs_m, mask_m, offs_d, mask_d, stride_don).to(DOT_DTYPE)
-        cos = _load_rows(COS, offs_m, mask_m, offs_p, mask_p, HEAD_DIM // 2)
-        sin = _load_rows(SIN, offs_m, mask_m, offs_p, mask_p, HEAD_DIM // 2)
-        q = _rotate_pairs(q, cos, sin, BLOCK_M, BLOCK_D).to(Q.dtype.element_ty).to(DOT_DTYPE)
         lse = tl.load(LSE + row_base + offs_m, mask=mask_m, other=0.0)
         delta = tl.load(DELTA + row_base + offs_m, mask=mask_m, other=0.0)
 
@@ -279,8 +281,7 @@ def _rope_attn_bwd_dkdv_kernel(Q, K, V, COS, SIN, DO, LSE, DELTA, DK, DV, stride
         dk += tl.dot(ds_t.to(Q.dtype.element_ty).to(DOT_DTYPE), q, input_precision=DOT_PRECISION)
 
     # d rot(k) -> dk: rotate back by -angle (cos/sin loaded again rather than kept live through the loop)
-    cos_n = _load_rows(COS, offs_n, mask_n, offs_p, mask_p, HEAD_DIM // 2)
-    sin_n = _load_rows(SIN, offs_n, mask_n, offs_p, mask_p, HEAD_DIM // 2)
+    cos_n, sin_n = _angles(COS, SIN, offs_n, mask_n, offs_p, mask_p, HEAD_DIM // 2)
     dk = _rotate_pairs(dk * sm_scale, cos_n, -sin_n, BLOCK_N, BLOCK_D)
     tile_n = mask_n[:, None] & mask_d[None, :]
     tl.store(DK + out_base + offs_n[:, None] * HEAD_DIM + offs_d[None, :], dk.to(DK.dtype.element_ty), mask=tile_n)

@@ -12,28 +12,10 @@ import torch.nn.functional as F
 import align_lang
 import pe_model
 
-TINY_CORE = {
-    "model_class": "CLIP",
-    "vision_cfg": {"patch_size": 8, "width": 32, "layers": 3, "heads": 2, "mlp_ratio": 2.0, "output_dim": 16,
-                   "image_size": 32, "use_cls_token": True},
-    "text_cfg": {"context_length": 32, "width": 32, "heads": 2, "layers": 1, "output_dim": 16},
-}
-
-
 def tiny_llama(seed=0, **overrides):
     torch.manual_seed(seed)
     args = dict(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=49408, multiple_of=16)
     return align_lang.Llama(align_lang.LlamaArgs(**{**args, **overrides}))
-
-
-@pytest.fixture(scope="module")
-def core_checkpoint(tmp_path_factory):
-    """A PE-core CLIP checkpoint in our format (random weights), as train_clip.py writes them."""
-    torch.manual_seed(0)
-    model = pe_model.build_model(TINY_CORE)
-    path = str(tmp_path_factory.mktemp("core") / "core.pt")
-    pe_model.save_checkpoint({"model": model.state_dict(), "config": pe_model.get_config(model)}, path)
-    return path
 
 
 @pytest.fixture(scope="module")

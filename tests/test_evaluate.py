@@ -13,6 +13,7 @@ from PIL import Image
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+import data  # noqa: E402
 import evaluate  # noqa: E402
 import pe_model  # noqa: E402
 
@@ -64,7 +65,7 @@ def test_zero_shot_classifier_is_the_renormalised_mean_of_normalised_template_em
     classifier = evaluate.zero_shot_classifier(model, names, templates)
     assert classifier.shape == (32, 2)
     for c, name in enumerate(names):
-        prompts = [evaluate.format_prompt(t, name) for t in templates]
+        prompts = [data.format_template(t, name) for t in templates]
         assert prompts[0] == ("a drawing of a dog face" if c == 0 else "a drawing of a red apple")
         with torch.no_grad():
             embeddings = model.encode_text(pe_model.tokenize(prompts), normalize=True)

@@ -2,8 +2,6 @@
 tokenizer, preprocessing and config checks."""
 
 import os
-import re
-import subprocess
 import sys
 
 import pytest

@@ -525,9 +525,10 @@ class EmojiImageText(torch.utils.data.Dataset):
 
 # ---------------------------------------------------------------------------------------------------------
 # 2. Augmentation (§2.1, "tuned data augmentation"): random resized crop, brightness/saturation jitter,
-# horizontal flip. The paper names these three; the magnitudes below are the common ImageNet/SimCLR-style
-# values (crop area 8-100%, aspect 3/4-4/3, brightness and saturation factors in [0.6, 1.4], flip with
-# probability 1/2), NOT values read from the paper. The resolution is fixed per transform: the trainer
+# horizontal flip, with the magnitudes of the paper's Tab. 18 (image pretraining; Tab. 19 uses the same for
+# video finetuning): aspect jitter ar(0.75, 1.33), random crop area s(0.08, 1), colour jitter
+# j(0.32, 0, 0.32, 0) (brightness, contrast, saturation, hue: brightness and saturation factors in
+# [0.68, 1.32], no contrast or hue jitter), flip p = 0.5. The resolution is fixed per transform: the trainer
 # changes resolution between steps by resizing the batch.
 
 
@@ -535,8 +536,8 @@ class EmojiImageText(torch.utils.data.Dataset):
 class AugmentConfig:
     crop_scale: tuple = (0.08, 1.0)  # crop area as a fraction of the image; (1.0, 1.0) = no crop
     crop_ratio: tuple = (3 / 4, 4 / 3)  # crop aspect ratio range (width / height), sampled log-uniformly
-    brightness: float = 0.4  # brightness factor uniform in [1 - b, 1 + b]; 0 = off
-    saturation: float = 0.4  # saturation factor uniform in [1 - s, 1 + s]; 0 = off
+    brightness: float = 0.32  # brightness factor uniform in [1 - b, 1 + b]; 0 = off
+    saturation: float = 0.32  # saturation factor uniform in [1 - s, 1 + s]; 0 = off
     hflip_prob: float = 0.5  # probability of a horizontal flip; 0 = off
 
 

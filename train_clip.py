@@ -82,15 +82,16 @@ class TrainConfig:
     min_lr: float = 0.0  # the cosine ends here
     lr_schedule: str = "cosine"  # cosine | constant (both after a linear warmup)
     warmup_fraction: float = 0.05  # of max_steps
-    betas: typing.Tuple[float, ...] = (0.9, 0.95)  # betas, eps, weight decay: common large-batch values, not
-    eps: float = 1e-6  # read from the paper
+    betas: typing.Tuple[float, ...] = (0.9, 0.95)  # Tab. 18 (LAMB betas, weight decay 0.05); eps is ours
+    eps: float = 1e-6
     weight_decay: float = 0.05  # not on biases, norms, LayerScale, position/class embeddings, probe, logit scale
-    crop_scale: typing.Tuple[float, ...] = (0.08, 1.0)  # §2.1 tuned augmentation: random resized crop area
-    brightness: float = 0.4  # brightness jitter factor in [1 - b, 1 + b]
-    saturation: float = 0.4  # saturation jitter factor in [1 - s, 1 + s]
-    hflip_prob: float = 0.5  # horizontal flip
-    mask_fraction: float = 1 / 16  # §2.1 mask regularization: share of the batch duplicated and masked
-    mask_ratio: float = 0.4  # share of the patches masked in those copies (see sample_masks)
+    crop_scale: typing.Tuple[float, ...] = (0.08, 1.0)  # §2.1 tuned augmentation, Tab. 18: random crop s(0.08, 1)
+    brightness: float = 0.32  # Tab. 18 colour jitter j(0.32, 0, 0.32, 0): brightness factor in [1 - b, 1 + b]
+    saturation: float = 0.32  # ... and saturation factor in [1 - s, 1 + s]
+    hflip_prob: float = 0.5  # Tab. 18: horizontal flip p(0.5)
+    mask_fraction: float = 1 / 16  # §2.1 mask regularization: share of the batch duplicated and masked (Tab. 18:
+    #                                mask reg batch 8,192 of 131,072)
+    mask_ratio: float = 0.4  # Tab. 18 "mask reg ratio 0.4": share of the patches masked in those copies
     mask_weight: float = 1.0  # weight of the mask-regularization loss next to the contrastive loss
     # run
     seed: int = 0
@@ -506,20 +507,19 @@ def train_batches(dataset, cfg, start, rank, world_size, load_size, context_leng
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Mask regularization (§2.1). The paper turns MaskFeat (Wei et al. 2022) into a regularizer: 1/16 of the
-# batch is duplicated and masked, and at the output the masked copy's tokens are aligned to their unmasked
-# counterparts by maximising cosine similarity; the masked copies stay out of the contrastive loss, and the
-# unmasked side is the (detached) target, so the CLIP and the mask gradients are disjoint. Where the text we
-# could check leaves details open we take the simplest faithful reading (the pages corpus holds only the
-# opening of the paper; the fraction 1/16, the cosine alignment and the disjoint gradients are from §2.1 as
-# published, the rest is ours):
+# Mask regularization (§2.1). "We want the model to produce the same features if some patches are not
+# visible", but CLIP gradients through masked images could alter its behaviour on unmasked ones, so the paper
+# turns MaskFeat (Wei et al. 2022) into a regularizer: 1/16 of the batch is duplicated and masked (Tab. 18:
+# mask reg batch 8,192 of 131,072, mask reg ratio 0.4), and at the output the masked tokens are aligned to
+# their unmasked counterparts by maximising cosine similarity, with the CLIP and the mask gradients kept
+# disjoint. Here: the masked copies stay out of the contrastive loss, and the unmasked side is the detached
+# target. What the paper leaves open, we take in its simplest faithful reading:
 #  - masking replaces a patch's pixels by 0 (the mean of the [-1, 1] input range): with conv1 having no bias,
 #    the patch enters the tower as its position embedding alone, a fixed, parameter-free "mask token" that
 #    keeps the official state_dict layout;
-#  - patches are masked uniformly at random, mask_ratio = 0.4 (MaskFeat's default ratio; not checked against
-#    the paper), the same number of patches for every copy;
-#  - the aligned tokens are the final ln_post'ed patch tokens at the masked positions (MaskFeat predicts the
-#    masked patches), loss = mean over them of 1 - cos, weight mask_weight = 1 next to the CLIP loss.
+#  - patches are masked uniformly at random (the pattern is not stated), round(0.4 x patches) per copy;
+#  - the aligned tokens are the final ln_post'ed patch tokens at the masked positions ("the masked tokens"),
+#    loss = mean over them of 1 - cos, weight mask_weight = 1 next to the CLIP loss (no weight is stated).
 
 
 def sample_masks(batch_size, grid_size, fraction, ratio, step, seed, offset=0):

@@ -25,10 +25,17 @@ perception_encoder/summary):
     similarity; the clip caption instead when it names the same thing (it adds the motion that no single
     frame shows). With --summarizer_checkpoint=PATH an align_lang.py language model summarises instead (our
     prompt, SUMMARY_PROMPT: the paper's prompt is not in what we read).
-  - finetuning: ~22M synthetically captioned videos plus images, 8 frames, frame-averaged embeddings,
-    the CLIP loss. The paper's passages read for this file give neither the image:video mix, the learning
-    rate nor the step count: the defaults below (half the batch each, train_clip's LAMB at 1e-3, cosine, a
-    few dozen steps) are ours, sized for the embedded data on a CPU.
+  - finetuning: after a short image cooldown at the maximum resolution (§2.4: 50M samples of the pretraining
+    data), ~22M synthetically captioned videos, 8 uniformly sampled frames, frame-averaged embeddings, the
+    same contrastive loss. Tab. 19 (video finetuning): LAMB, betas (0.9, 0.95), weight decay 0.05, lr 1e-6,
+    batch 4,096, 2K warmup steps, 5.4K steps (one pass over the 22M videos), max logit scale 100, and
+    pretraining's augmentation (aspect jitter, crop s(0.08, 1), colour jitter, flip p 0.5). The defaults
+    below differ on purpose, sized for the embedded data on a CPU: a few dozen steps from a core trained for
+    minutes, where lr 1e-6 would move nothing (lr 1e-3, 4 warmup steps, cosine); half of each batch image-
+    caption pairs, which keeps the core's image task while its text tower learns the new captions; a milder
+    crop (s(0.6, 1): the subject of a composed video can be small) and no flip, because the embedded
+    captions name the direction of motion ("moving left") and a flip would make them wrong. For the
+    paper's recipe: --lr=1e-6 --warmup_steps=2000 --steps=5400 and --video_batch_size x ranks = 4096.
 
 Stages, each writing to disk so a killed run resumes without redoing finished videos:
   1. caption   out_dir/records/{key}.json (atomic): frame indices, frame captions, video caption, captioner

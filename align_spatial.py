@@ -38,14 +38,17 @@ Run (CPU, minutes; starts from the newest checkpoint `python train_clip.py` wrot
     python align_spatial.py                                   # composed scenes; prints the dense probes
     python align_spatial.py --checkpoint=out/clip/final.pt --max_steps=600 --teacher_layer=3
     torchrun --nproc_per_node 2 align_spatial.py               # DDP: gloo on CPU, NCCL on GPUs
+    python align_spatial.py --checkpoint_every=50 [--resume]  # resumable checkpoints; continue the newest
     python align_spatial.py --checkpoint=PE-Core-L14-336.pt --model=PE-Core-L14-336 --resolution=448 \
         --mask_source=my_sam:make_sam_source --shards='data/{00000..00127}.tar'
 Writes into --out_dir (default out/spatial): spatial.pt ({"model": the tower's state_dict in the official
 PE-Spatial layout, "config": pe_model.get_config(tower), training state, metrics};
 `pe_model.load_model("out/spatial/spatial.pt")` rebuilds it), metrics.jsonl (losses), dense_probes.json
-(segmentation mIoU and depth RMSE per layer of the core and of the aligned tower, evaluate.py's probes).
+(segmentation mIoU and depth RMSE per layer of the core and of the aligned tower, evaluate.py's probes), and
+with --checkpoint_every the newest resumable spatial_step_NNNNNN.pt (student, optimizer, RNG, data position).
 """
 
+import glob
 import importlib
 import json
 import math
@@ -106,6 +109,8 @@ class SpatialConfig:
     eval_size: int = 0  # probe resolution for both models; 0 = evaluate.py's default for the student
     seed: int = 0
     log_every: int = 10
+    checkpoint_every: int = 0  # steps between resumable spatial_step_NNNNNN.pt checkpoints (the newest is kept)
+    resume: bool = False  # continue exactly from the newest spatial_step_NNNNNN.pt in out_dir
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -347,36 +352,39 @@ def alignment_losses(student, teacher, images, mask_features, cfg, teacher_layer
 # Training.
 
 
-def scene_batches(images, instance_maps, batch_size, seed, rank):
-    """Endless (images, instance_maps) batches from this process's scenes, reshuffled every epoch with a
-    generator seeded from (seed, rank, epoch), so a run is reproducible."""
-    epoch = 0
+def scene_batches(images, instance_maps, batch_size, seed, rank, start=(0, 0)):
+    """Endless (images, instance_maps, position after the batch) from this process's scenes, reshuffled every
+    epoch with a generator seeded from (seed, rank, epoch), so a run is reproducible; position = (epoch,
+    batches used in it), start = where a resumed run continues."""
+    epoch, skip = start
     while True:
         order = torch.randperm(images.shape[0], generator=torch.Generator().manual_seed(
             data.seed_for(seed, "spatial", rank, epoch)))
-        for start in range(0, len(order) - batch_size + 1, batch_size):
-            index = order[start : start + batch_size]
-            yield images[index], instance_maps[index].long()
-        epoch += 1
+        for index, first in enumerate(range(0, len(order) - batch_size + 1, batch_size)):
+            if index >= skip:
+                chosen = order[first : first + batch_size]
+                yield images[chosen], instance_maps[chosen].long(), (epoch, index + 1)
+        epoch, skip = epoch + 1, 0
 
 
-def shard_batches(cfg, batch_size, rank, world_size):
-    """Endless image batches from tar shards (for a real mask source): Tab. 21's colour jitter and flip (no
-    crop; the aspect-ratio jitter is left out, as for the scenes)."""
+def shard_batches(cfg, batch_size, rank, world_size, start=(0, 0)):
+    """Endless (images, None, position) from tar shards (for a real mask source): Tab. 21's colour jitter and
+    flip (no crop; the aspect-ratio jitter is left out, as for the scenes). A resumed run re-reads the
+    batches its epoch already used and drops them (an epoch's stream is a function of (seed, epoch))."""
     augment = data.AugmentConfig(crop_scale=(1.0, 1.0), brightness=cfg.brightness, saturation=cfg.saturation,
                                  hflip_prob=cfg.hflip_prob)
     shards = data.TarShards(cfg.shards, transform=data.make_train_transform(cfg.resolution, augment),
                             image_size=cfg.resolution, shuffle_buffer=256, seed=cfg.seed, rank=rank,
                             world_size=world_size)
-    epoch = 0
+    epoch, skip = start
     while True:
         shards.set_epoch(epoch)
         loader = torch.utils.data.DataLoader(shards, batch_size=batch_size, collate_fn=data.collate_image_text,
                                              drop_last=True)
-        for batch in loader:
-            if batch is not None:
-                yield batch[0], None
-        epoch += 1
+        for index, batch in enumerate(loader):
+            if batch is not None and index >= skip:
+                yield batch[0], None, (epoch, index + 1)
+        epoch, skip = epoch + 1, 0
 
 
 def save_spatial_checkpoint(path, student, step, cfg, teacher_layer, metrics):
@@ -389,9 +397,58 @@ def save_spatial_checkpoint(path, student, step, cfg, teacher_layer, metrics):
                               "metrics": metrics}, path)
 
 
+def _per_rank(value, world_size):
+    """[value of rank 0, value of rank 1, ...] on every rank (the value itself alone in one process)."""
+    if world_size == 1:
+        return [value]
+    gathered = [None] * world_size
+    dist.all_gather_object(gathered, value)
+    return gathered
+
+
+def save_training_state(path, student, optimizer, step, position, generator, history, cfg, teacher_layer,
+                        world_size=1):
+    """A resumable checkpoint: the student (official PE-Spatial layout + config), optimizer, step, RNG
+    states, and per rank its data position and student-mask generator; the loss history. Call on every rank
+    (the per-rank parts are gathered); rank 0 writes it atomically."""
+    positions = _per_rank(list(position), world_size)
+    generators = _per_rank(generator.get_state(), world_size)
+    if dist.is_initialized() and dist.get_rank() != 0:
+        return
+    pe_model.save_checkpoint({"model": student.state_dict(), "config": pe_model.get_config(student),
+                              "optimizer": optimizer.state_dict(), "step": step, "rng": train_clip.rng_state(),
+                              "data_position": torch.tensor(positions), "mask_generator": torch.stack(generators),
+                              "history": history, "train_config": asdict(cfg), "teacher_layer": teacher_layer},
+                             path)
+
+
+def training_states(out_dir):
+    """The resumable checkpoints in out_dir, oldest first."""
+    paths = glob.glob(os.path.join(out_dir, "spatial_step_*.pt"))
+    return sorted(paths, key=os.path.getmtime)
+
+
+def load_training_state(path, student, optimizer, rank, world_size):
+    """Restore what save_training_state wrote into the student and optimizer (and the RNG states); returns
+    (step, this rank's data position, its mask-generator state, history)."""
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(state, dict) or "mask_generator" not in state:
+        raise SystemExit(f"{path}: not a resumable align_spatial.py checkpoint")
+    if len(state["data_position"]) != world_size:
+        raise SystemExit(f"{path}: written by {len(state['data_position'])} process(es); resume it with as many "
+                         f"(now {world_size})")
+    pe_model.load_checkpoint(student, state["model"], name=path)
+    optimizer.load_state_dict(state["optimizer"])
+    train_clip.set_rng_state(state["rng"])
+    position = tuple(int(v) for v in state["data_position"][rank])
+    return int(state["step"]), position, state["mask_generator"][rank], list(state["history"])
+
+
 def train(cfg, checkpoint, rank=0, world_size=1, device=torch.device("cpu")):
     """Align a core checkpoint; returns (student tower, teacher tower, teacher_layer, history). The student
-    is wrapped in DDP when world_size > 1 (gradients averaged over processes)."""
+    is wrapped in DDP when world_size > 1 (gradients averaged over processes). With cfg.checkpoint_every,
+    resumable checkpoints are written; cfg.resume continues the newest exactly (same losses and weights as
+    an uninterrupted run)."""
     vision_cfg = read_core_config(checkpoint, cfg.model)
     patch = vision_cfg["patch_size"]
     cfg.resolution = cfg.resolution or default_resolution(vision_cfg)
@@ -406,32 +463,48 @@ def train(cfg, checkpoint, rank=0, world_size=1, device=torch.device("cpu")):
     torch.manual_seed(cfg.seed)
     teacher, student = build_teacher_and_student(checkpoint, cfg, vision_cfg)
     teacher, student = teacher.to(device), student.to(device)
+    # LAMB, (0.9, 0.95), weight decay 0.05, lr 5e-4, no warmup (Tab. 21); the decay shape is not given there:
+    # cosine, as PE-core pretraining. train_clip's groups: no decay / trust ratio on gammas, biases, posemb.
+    optimizer = train_clip.build_optimizer(student, "lamb", cfg.lr, (cfg.beta1, cfg.beta2),
+                                           weight_decay=cfg.weight_decay)
+    generator = torch.Generator().manual_seed(data.seed_for(cfg.seed, "spatial-masks", rank))
+    start_step, position, history = 0, (0, 0), []
+    resume_from = training_states(cfg.out_dir)[-1:] if cfg.resume else []
+    if resume_from:  # before DDP wraps the student: DDP starts every rank from rank 0's weights
+        start_step, position, generator_state, history = load_training_state(resume_from[0], student, optimizer,
+                                                                              rank, world_size)
+        generator.set_state(generator_state)
+        if rank == 0:
+            print(f"resuming at step {start_step} from {resume_from[0]}")
+    elif cfg.resume and rank == 0:
+        print(f"--resume: no spatial_step_*.pt in {cfg.out_dir}, starting from {checkpoint}")
     model = torch.nn.parallel.DistributedDataParallel(
         student, device_ids=[device.index] if device.type == "cuda" else None) if world_size > 1 else student
     mask_source = load_mask_source(cfg.mask_source) if cfg.mask_source else None
 
     local_batch = cfg.batch_size // world_size
     if cfg.shards:
-        batches = shard_batches(cfg, local_batch, rank, world_size)
+        batches = shard_batches(cfg, local_batch, rank, world_size, position)
     else:
         scene_images, scene_maps = render_scenes(cfg.num_scenes, cfg.resolution, cfg.seed + TRAIN_SCENE_SEED,
                                                  rank, world_size)
-        batches = scene_batches(scene_images, scene_maps, local_batch, cfg.seed, rank)
+        batches = scene_batches(scene_images, scene_maps, local_batch, cfg.seed, rank, position)
 
-    # LAMB, (0.9, 0.95), weight decay 0.05, lr 5e-4, no warmup (Tab. 21); the decay shape is not given there:
-    # cosine, as PE-core pretraining. train_clip's groups: no decay / trust ratio on gammas, biases, posemb.
-    optimizer = train_clip.build_optimizer(student, "lamb", cfg.lr, (cfg.beta1, cfg.beta2),
-                                           weight_decay=cfg.weight_decay)
-    generator = torch.Generator().manual_seed(data.seed_for(cfg.seed, "spatial-masks", rank))
     grid = cfg.resolution // patch
-    history, log_path = [], os.path.join(cfg.out_dir, "metrics.jsonl")
+    log_path = os.path.join(cfg.out_dir, "metrics.jsonl")
     if rank == 0:
         os.makedirs(cfg.out_dir, exist_ok=True)
-        open(log_path, "w").close()  # one run per file
-    progress = tqdm(range(1, cfg.max_steps + 1), desc="spatial alignment", disable=rank != 0)
+        kept = []  # a resumed run keeps the lines of the steps its checkpoint covers; a fresh run starts anew
+        if resume_from and os.path.exists(log_path):
+            with open(log_path) as f:
+                kept = [line for line in f if json.loads(line)["step"] <= start_step]
+        with open(log_path, "w") as f:
+            f.writelines(kept)
+    progress = tqdm(range(start_step + 1, cfg.max_steps + 1), desc="spatial alignment", disable=rank != 0,
+                    initial=start_step, total=cfg.max_steps)
     model.train()
     for step in progress:
-        images, instance_maps = next(batches)
+        images, instance_maps, position = next(batches)
         if instance_maps is not None:
             images, instance_maps = augment_batch(images, instance_maps, cfg, generator)
         token_mask = block_mask(images.shape[0], grid, grid, cfg.mask_ratio, cfg.mask_size, generator)
@@ -463,6 +536,13 @@ def train(cfg, checkpoint, rank=0, world_size=1, device=torch.device("cpu")):
         if rank == 0 and (step % cfg.log_every == 0 or step == cfg.max_steps):
             with open(log_path, "a") as f:
                 f.write(json.dumps(record) + "\n")
+        if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < cfg.max_steps:
+            older = training_states(cfg.out_dir)
+            save_training_state(os.path.join(cfg.out_dir, f"spatial_step_{step:06d}.pt"), student, optimizer, step,
+                                position, generator, history, cfg, teacher_layer, world_size)
+            if rank == 0:
+                for path in older:  # keep the newest only
+                    os.remove(path)
     return student.eval(), teacher, teacher_layer, history
 
 

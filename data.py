@@ -465,7 +465,10 @@ class EmojiImageText(torch.utils.data.Dataset):
     out (never drawn for training). The classes depend on class_seed only, so train and val always agree.
     transform(image: PIL, generator) -> Tensor; default: the official preprocessing at the canvas size.
     set_epoch reaches loader workers only if they are started after it (persistent_workers=False, the default).
-    style "noto": the Noto Color Emoji design of the same classes (a distribution shift for evaluation).
+    style "noto": the Noto Color Emoji design of the same classes (a distribution shift for evaluation). Noto
+    lacks a few OpenMoji glyphs (5 of the default 100 classes): those classes are listed in
+    `missing_classes`, `present_indices()` gives the items of the others, and asking for an item of a
+    missing class raises a ValueError naming it (never a placeholder box).
     """
 
     def __init__(self, split="train", num_classes=100, images_per_class=50, canvas_size=64, seed=0,
@@ -476,12 +479,13 @@ class EmojiImageText(torch.utils.data.Dataset):
         if len(self.classes) < num_classes:
             raise ValueError(f"EmojiImageText: num_classes={num_classes} but the OpenMoji font has only "
                              f"{len(self.classes)} named single-code-point emoji")
+        self.missing_classes = []  # labels whose glyph the font lacks (only ever for style "noto")
         if style == "noto":
             if not noto_available():
                 render_glyph(self.classes[0][0], 8, "noto")  # raises the clear error
-            missing = [name for glyph, name in self.classes if ord(glyph) not in font_code_points(NOTO_FONT)]
-            if missing:
-                raise ValueError(f"EmojiImageText: {NOTO_FONT} lacks {len(missing)} classes, e.g. {missing[:5]}")
+            code_points = font_code_points(NOTO_FONT)
+            self.missing_classes = [label for label, (glyph, _) in enumerate(self.classes)
+                                    if ord(glyph) not in code_points]
         self.class_names = [name for _, name in self.classes]
         self.glyphs = [glyph for glyph, _ in self.classes]
         self.split, self.num_classes, self.images_per_class = split, num_classes, images_per_class
@@ -499,8 +503,16 @@ class EmojiImageText(torch.utils.data.Dataset):
             return item_generator(self.seed, "emoji-train", self.epoch, index)
         return item_generator(self.seed, "emoji-val", index)
 
+    def present_indices(self) -> list[int]:
+        """The items whose class the font has (all of them for OpenMoji)."""
+        missing = set(self.missing_classes)
+        return [i for i in range(len(self)) if i % self.num_classes not in missing]
+
     def render(self, label: int, generator: torch.Generator) -> Image.Image:
         """Class `label`'s emoji drawn over a random background (RGB, canvas_size x canvas_size)."""
+        if label in self.missing_classes:
+            raise ValueError(f"EmojiImageText: {NOTO_FONT} has no glyph for class {label} "
+                             f"({self.class_names[label]!r}); use present_indices()")
         size = self.canvas_size
         image = random_background(size, generator)
         glyph_size = max(4, round(size * _uniform(generator, 0.35, 0.85)))

@@ -77,6 +77,7 @@ Check: python -m pytest -q tests/test_video_engine.py
 """
 
 import dataclasses
+import glob
 import hashlib
 import io
 import json
@@ -133,8 +134,8 @@ class VideoEngineConfig:
     eps: float = 1e-6
     weight_decay: float = 0.05
     warmup_steps: int = 4
-    checkpoint_every: int = 0  # steps between checkpoints (the final one is always written)
-    resume: bool = False  # continue the finetuning from out_dir/video_finetune.pt
+    checkpoint_every: int = 0  # steps between video_finetune_step_NNNNNN.pt checkpoints (the final is always written)
+    resume: bool = False  # continue the finetuning exactly from the newest checkpoint in out_dir (see finetune)
     evaluate: bool = True  # evaluate.py's video zero-shot before and after the finetuning (rank 0)
     num_workers: int = 0  # DataLoader workers per rank
     seed: int = 0
@@ -716,24 +717,32 @@ def training_resolution(cfg, model, trained):
     return train_clip.parse_stages(stages)[-1][1] if stages else model.image_size
 
 
-def _forever(loader, dataset):
-    epoch = 0
+def _epochs(dataset, make_loader, start):
+    """Endless (batch, position after it) from `dataset`, epoch after epoch; position = (epoch, loader batches
+    used in it). start = the position to continue from: an epoch's stream is a function of (seed, epoch), so a
+    resumed run continues the exact stream of an uninterrupted one. make_loader(epoch, skip) -> a loader of
+    that epoch without its first `skip` batches, or the whole epoch, whose first `skip` batches are then read
+    and dropped (tar shards: they cannot be skipped unread). A batch of bad samples only (None, counted by
+    the dataset) is passed over; an epoch without one good batch stops the run."""
+    epoch, skip = start
     while True:
         dataset.set_epoch(epoch)
+        loader, skipped = make_loader(epoch, skip)
         got = False
-        for batch in loader:
-            if batch is not None:
-                got = True
-                yield batch
-        if not got:
+        for index, batch in enumerate(loader, skip if skipped else 0):
+            got = got or batch is not None
+            if batch is not None and index >= skip:
+                yield batch, (epoch, index + 1)
+        if not got and not skip:
             raise SystemExit(f"{type(dataset).__name__}: an epoch gave no sample on this rank")
-        epoch += 1
+        epoch, skip = epoch + 1, 0
 
 
-def make_loaders(cfg, shard_dir, image_size, image_classes, rank=0, world_size=1):
-    """Endless iterators of video batches from the engine's shards and image batches from data.EmojiImageText
-    (None without images). Video frames get the same mild crop and colour jitter on every frame of a clip and
-    no flip (a flip turns "moving left" into "moving right")."""
+def make_loaders(cfg, shard_dir, image_size, image_classes, rank=0, world_size=1, start=(0, 0, 0, 0)):
+    """Endless iterators of (batch, position) for the video batches from the engine's shards and the image
+    batches from data.EmojiImageText (None without images), from start = (video epoch, video batches used in
+    it, image epoch, image batches used in it). Video frames get the same mild crop and colour jitter on
+    every frame of a clip and no flip (a flip turns "moving left" into "moving right")."""
     video_augment = data.AugmentConfig(crop_scale=(0.6, 1.0), hflip_prob=0.0)
     videos = data.TarShards(shard_dir, transform=data.make_train_transform(image_size, video_augment),
                             media="video", num_frames=cfg.num_frames, shuffle_buffer=4 * cfg.video_batch_size,
@@ -742,25 +751,40 @@ def make_loaders(cfg, shard_dir, image_size, image_classes, rank=0, world_size=1
     if len(videos.shards) < readers:
         raise SystemExit(f"{shard_dir}: {len(videos.shards)} shards for {readers} readers (ranks x workers): each "
                          f"needs at least one; lower --shard_size (now {cfg.shard_size}) or --num_workers")
-    video_loader = torch.utils.data.DataLoader(videos, batch_size=cfg.video_batch_size, num_workers=cfg.num_workers,
-                                               collate_fn=data.collate_image_text)
+
+    def video_loader(epoch, skip):  # an iterable dataset: the used batches are read again and dropped
+        return torch.utils.data.DataLoader(videos, batch_size=cfg.video_batch_size, num_workers=cfg.num_workers,
+                                           collate_fn=data.collate_image_text), False
+
+    video_batches = _epochs(videos, video_loader, start[:2])
     if cfg.image_batch_size <= 0:
-        return _forever(video_loader, videos), None
+        return video_batches, None
     images = data.EmojiImageText("train", num_classes=image_classes, canvas_size=image_size, seed=cfg.seed,
                                  transform=data.make_train_transform(image_size, data.AugmentConfig()))
-    sampler = torch.utils.data.RandomSampler(images, generator=torch.Generator().manual_seed(
-        data.seed_for(cfg.seed, "video-finetune-images", rank)))
-    image_loader = torch.utils.data.DataLoader(images, batch_size=cfg.image_batch_size, sampler=sampler,
-                                               num_workers=cfg.num_workers, collate_fn=data.collate_image_text,
-                                               drop_last=True)
-    return _forever(video_loader, videos), _forever(image_loader, images)
+
+    def image_loader(epoch, skip):  # map-style: this rank's order of the epoch, without the used batches
+        order = torch.randperm(len(images), generator=data.item_generator(cfg.seed, "video-finetune-images",
+                                                                           rank, epoch))
+        return torch.utils.data.DataLoader(images, batch_size=cfg.image_batch_size,
+                                           sampler=order[skip * cfg.image_batch_size:].tolist(),
+                                           num_workers=cfg.num_workers, collate_fn=data.collate_image_text,
+                                           drop_last=True), True
+
+    return video_batches, _epochs(images, image_loader, start[2:])
+
+
+def finetune_checkpoints(out_dir):
+    """The finetuning checkpoints in out_dir (video_finetune_step_NNNNNN.pt, video_finetune.pt), oldest first."""
+    return sorted(glob.glob(os.path.join(out_dir, "video_finetune*.pt")), key=os.path.getmtime)
 
 
 def finetune(cfg, model, shard_dir, device="cpu", rank=0, world_size=1, start_checkpoint="", progress=True):
     """Continue training `model` (a PE-core CLIP) for cfg.steps steps on the engine's shards mixed with
     image-caption pairs; writes out_dir/video_finetune.pt (train_clip's checkpoint format, plus the start
-    checkpoint's train_config so that evaluate.py picks the same classes and resolution). --resume continues
-    from that file (weights, optimizer, step; the data streams restart). Returns {"path", "losses"}."""
+    checkpoint's train_config so that evaluate.py picks the same classes and resolution) and, every
+    cfg.checkpoint_every steps, video_finetune_step_NNNNNN.pt (the newest is kept). --resume continues from the
+    newest of them: weights, optimizer, step, RNG states and the position in both data streams, so the
+    resumed run reproduces the uninterrupted one. Returns {"path", "losses"} (the losses of this call's steps)."""
     device = torch.device(device)
     group = dist.group.WORLD if world_size > 1 else None
     trained = start_config(start_checkpoint) if start_checkpoint else {}
@@ -772,35 +796,54 @@ def finetune(cfg, model, shard_dir, device="cpu", rank=0, world_size=1, start_ch
     train_forward = train_clip.wrap_for_training(VideoTrainingForward(model, cfg.num_frames), device, world_size)
     optimizer = train_clip.build_optimizer(model, cfg.optimizer, cfg.lr, cfg.betas, cfg.eps, cfg.weight_decay)
     path = os.path.join(cfg.out_dir, "video_finetune.pt")
-    step = 0
-    if cfg.resume and os.path.exists(path):
-        step = int(train_clip.load_training_checkpoint(path, train_forward, optimizer)["step"])
+    step, position = 0, (0, 0, 0, 0)
+    resume_from = finetune_checkpoints(cfg.out_dir)[-1:] if cfg.resume else []
+    if resume_from:
+        state = train_clip.load_training_checkpoint(resume_from[0], train_forward, optimizer)
+        step = int(state["step"])
+        if "data_position" in state:
+            position = tuple(int(v) for v in state["data_position"])
+        if rank == 0:
+            print(f"resuming the finetuning at step {step} from {resume_from[0]}")
+    elif cfg.resume and rank == 0:
+        print(f"--resume: no finetuning checkpoint in {cfg.out_dir}, starting from {start_checkpoint or 'the model'}")
     extra = {"train_config": trained, "video_engine_config": dataclasses.asdict(cfg),
              "start_checkpoint": str(start_checkpoint)}
-    video_batches, image_batches = make_loaders(cfg, shard_dir, image_size, image_classes, rank, world_size)
+    video_batches, image_batches = make_loaders(cfg, shard_dir, image_size, image_classes, rank, world_size,
+                                                position)
     losses = []
     bar = tqdm(total=cfg.steps, initial=step, desc="finetune", disable=not progress or rank != 0)
     while step < cfg.steps:
         lr = train_clip.lr_at(step, cfg.steps, cfg.lr, cfg.warmup_steps)
         for param_group in optimizer.param_groups:
             param_group["lr"] = lr
-        videos, tokens = next(video_batches)  # (B, T, 3, S, S), (B, L)
+        (videos, tokens), video_position = next(video_batches)  # (B, T, 3, S, S), (B, L)
         pixels = videos.flatten(0, 1)  # (B*T, 3, S, S)
+        image_position = position[2:]
         if image_batches is not None:
-            images, image_tokens = next(image_batches)
+            (images, image_tokens), image_position = next(image_batches)
             pixels, tokens = torch.cat([pixels, images]), torch.cat([tokens, image_tokens])
         stats = train_clip.contrastive_step(train_forward, optimizer, pixels.to(device), tokens.to(device),
                                             group=group, autocast=device.type == "cuda")
         if not math.isfinite(stats["loss"]):
-            raise SystemExit(f"step {step}: the loss is {stats['loss']}; lower --lr")
-        step += 1
+            raise SystemExit(f"step {step}: the loss is {stats['loss']}; lower --lr, or --resume from the last "
+                             f"checkpoint in {cfg.out_dir}")
+        step, position = step + 1, (*video_position, *image_position)
         losses.append(stats["loss"])
         bar.set_postfix(loss=f"{stats['loss']:.3f}", lr=f"{lr:.1e}")
         bar.update()
         if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < cfg.steps:
-            train_clip.save_training_checkpoint(path, train_forward, optimizer, step, extra)
+            older = finetune_checkpoints(cfg.out_dir)
+            train_clip.save_training_checkpoint(
+                os.path.join(cfg.out_dir, f"video_finetune_step_{step:06d}.pt"), train_forward, optimizer, step,
+                {**extra, "data_position": torch.tensor(position)})
+            if rank == 0:  # keep the newest step checkpoint only (and the final one of an earlier run)
+                for old in older:
+                    if old != path:
+                        os.remove(old)
     bar.close()
-    train_clip.save_training_checkpoint(path, train_forward, optimizer, step, extra)
+    train_clip.save_training_checkpoint(path, train_forward, optimizer, step,
+                                        {**extra, "data_position": torch.tensor(position)})
     barrier()
     return {"path": path, "losses": losses}
 

@@ -5,6 +5,7 @@ import csv
 import io
 import json
 import os
+import re
 import sys
 import tarfile
 
@@ -101,6 +102,22 @@ def test_render_glyph_draws_the_emoji_and_noto_errors_clearly():
     if not data.noto_available():
         with pytest.raises(FileNotFoundError, match="fonts-noto-color-emoji"):
             data.render_glyph("\U0001F436", 48, style="noto")
+
+
+@pytest.mark.skipif(not data.noto_available(), reason="Debian fonts-noto-color-emoji not installed (.ci/run installs it)")
+def test_noto_design_draws_the_same_classes_differently_and_names_the_ones_it_lacks():
+    noto = data.EmojiImageText("val", num_classes=100, images_per_class=2, canvas_size=48, style="noto")
+    openmoji = data.EmojiImageText("val", num_classes=100, images_per_class=2, canvas_size=48)
+    assert noto.class_names == openmoji.class_names and 0 < len(noto.missing_classes) < 10
+    assert len(noto.present_indices()) == 2 * (100 - len(noto.missing_classes))
+    assert not set(i % 100 for i in noto.present_indices()) & set(noto.missing_classes)
+    label = next(c for c in range(100) if c not in noto.missing_classes)
+    image, caption, got = noto[label]
+    assert got == label and noto.class_names[label] in caption
+    assert (image - openmoji[label][0]).abs().mean() > 0.01  # same background and placement, another drawing
+    missing = noto.missing_classes[0]
+    with pytest.raises(ValueError, match=re.escape(noto.class_names[missing])):
+        noto[missing]
 
 
 def test_embedded_items_deterministic_labels_and_captions_consistent():

@@ -223,3 +223,32 @@ def test_short_finetuning_lowers_the_video_text_loss(embedded_run, model, tmp_pa
     with torch.no_grad():
         after = video_engine.video_text_loss(tuned, videos, tokens).item()
     assert after < before - 0.1, (before, after)
+
+
+def test_resumed_finetuning_reproduces_the_uninterrupted_run(embedded_run, model, tmp_path):
+    """Killed after step 2 of 4 (its step-2 checkpoint left behind), --resume continues both data streams
+    where they were (the videos cross an epoch: 3 batches of 2 per epoch) and ends with the same weights."""
+    cfg, _ = embedded_run
+    shard_dir = os.path.join(cfg.out_dir, "shards")
+
+    def start():
+        copy = pe_model.build_model(pe_model.get_config(model))
+        copy.load_state_dict(model.state_dict())
+        return copy
+
+    options = dict(steps=4, checkpoint_every=2, lr=3e-3, warmup_steps=1, video_batch_size=2, image_batch_size=2)
+    full_dir, resumed_dir = tmp_path / "full", tmp_path / "resumed"
+    full = video_engine.finetune(dataclasses.replace(cfg, out_dir=str(full_dir), **options), start(), shard_dir,
+                                 progress=False)
+    step_checkpoint = full_dir / "video_finetune_step_000002.pt"
+    assert step_checkpoint.exists() and len(full["losses"]) == 4
+    os.makedirs(resumed_dir)
+    os.link(step_checkpoint, resumed_dir / step_checkpoint.name)
+    torch.manual_seed(1234)  # another process state: the checkpoint must restore what matters
+    resumed = video_engine.finetune(dataclasses.replace(cfg, out_dir=str(resumed_dir), resume=True, **options),
+                                    start(), shard_dir, progress=False)
+    assert resumed["losses"] == pytest.approx(full["losses"][2:], rel=1e-6)
+    full_weights, resumed_weights = (torch.load(path, weights_only=True)["model"]
+                                     for path in (full["path"], resumed["path"]))
+    for key, value in full_weights.items():
+        torch.testing.assert_close(resumed_weights[key], value, atol=1e-6, rtol=0, msg=key)

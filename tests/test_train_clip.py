@@ -189,7 +189,10 @@ def test_two_gloo_processes_match_one_process_with_the_same_global_batch(tiny_js
     one, one_dir = one_process_run
     losses = read_losses(out_dir)
     assert len(losses) == 4
-    assert losses == pytest.approx(one["losses"], rel=1e-5)
+    # float32 sums in another order (gathered tiles, reduce-scatter): ~1e-7 apart per gradient, which Adam's
+    # normalised update can lift to ~1e-5 of the loss in 3 steps (measured 1.0e-5 with FSDP); an error in the
+    # distributed maths (a gradient scale, a missing rank's negatives) moves it by percents
+    assert losses == pytest.approx(one["losses"], rel=1e-4)
     assert_same_weights(final_weights(one_dir), final_weights(out_dir))
 
 

@@ -374,6 +374,17 @@ def emoji_classes(max_classes: int | None = None, seed: int = 0) -> list[tuple[s
     return picks
 
 
+def emoji_class_subset(num_classes: int, pool: int, seed: int = 0) -> list[tuple[str, str]]:
+    """num_classes of the classes of emoji_classes(pool, seed), spread evenly over them (so over the topics
+    too). The embedded videos take their subjects from here, with pool = the class count the core was trained
+    on (train_clip.py --num_classes), so that video zero-shot and the engine's captions ask about classes the
+    core has seen, as the paper's video benchmarks ask about everyday ones, not about names it never met."""
+    classes = emoji_classes(pool, seed)
+    if not 0 < num_classes <= len(classes):
+        raise ValueError(f"emoji_class_subset: {num_classes} classes out of a pool of {len(classes)}")
+    return [classes[k * len(classes) // num_classes] for k in range(num_classes)]
+
+
 BACKGROUNDS = ("plain", "gradient", "smooth_noise", "pixel_noise", "stripes", "shapes")
 
 
@@ -1218,14 +1229,17 @@ def compose_video(seed: int, num_frames: int = 8, size: int = 224, motion: str |
 
 
 def make_embedded_videos(out_dir: str, num_videos: int = 32, num_frames: int = 8, size: int = 64, seed: int = 0,
-                         num_classes: int = 10, extension: str = ".mp4", fps: int = 8) -> list:
+                         num_classes: int = 10, extension: str = ".mp4", fps: int = 8,
+                         class_pool: int | None = None) -> list:
     """The embedded default videos: num_videos composed object-motion videos (compose_video) encoded to real
     files out_dir/videos/{i:05d}{extension}, with subject classes and motions balanced (video i: motion
-    i % 8, class (i // 8) % num_classes). Returns [(path, label, caption)], label = {"class_id", "class_name",
-    "motion_id", "motion"}; also written to out_dir/manifest.jsonl. Files already made with the same settings
-    are kept, so a second call costs nothing."""
-    classes = emoji_classes(num_classes, seed=0)
-    settings = {"num_frames": num_frames, "size": size, "seed": seed, "num_classes": num_classes, "fps": fps}
+    i % 8, class (i // 8) % num_classes). The subjects: embedded_video_classes(num_classes, class_pool).
+    Returns [(path, label, caption)], label = {"class_id", "class_name", "motion_id", "motion"}; also written
+    to out_dir/manifest.jsonl. Files already made with the same settings are kept, so a second call costs
+    nothing."""
+    classes = embedded_video_classes(num_classes, class_pool)
+    settings = {"num_frames": num_frames, "size": size, "seed": seed, "num_classes": num_classes, "fps": fps,
+                "class_pool": class_pool}
     manifest_path = os.path.join(out_dir, "manifest.jsonl")
     existing = {}
     if os.path.exists(manifest_path):
@@ -1253,6 +1267,12 @@ def make_embedded_videos(out_dir: str, num_videos: int = 32, num_frames: int = 8
             f.write(json.dumps(row) + "\n")
     os.replace(manifest_path + ".tmp", manifest_path)
     return [(row["path"], row["label"], row["caption"]) for row in rows]
+
+
+def embedded_video_classes(num_classes: int = 10, class_pool: int | None = None) -> list[tuple[str, str]]:
+    """The subjects of the embedded videos: spread over the class_pool classes a core was trained on
+    (emoji_class_subset), or, without a pool, emoji_classes(num_classes) itself."""
+    return emoji_class_subset(num_classes, class_pool) if class_pool else emoji_classes(num_classes, seed=0)
 
 
 # Public dense layouts, for when real labels are at hand.

@@ -34,7 +34,8 @@ The evaluations (CPU-sized defaults on the embedded data of data.py; the public 
     image's class is a match (identical caption strings are kept once).
   * video zero-shot: a video's embedding is the mean of its frames' embeddings (8 uniformly sampled frames,
     §2.2, pe_model.CLIP.encode_video), frames decoded with PyAV. Default: composed object videos written to real
-    .mp4 files (data.make_embedded_videos), classes = the emoji each video shows.
+    .mp4 files (data.make_embedded_videos), classes = the emoji each video shows: 10 of the
+    classes the core was trained on (--num_classes, from its checkpoint), spread evenly over them.
   * layer-wise frozen probes (§3): the tokens of EVERY block from ONE forward pass per image
     (VisionTransformer.forward_all_layers), shared by all probes of the run; per layer:
       - classification: a linear probe on pooled tokens (mean of the patch tokens, or the class token);
@@ -490,12 +491,14 @@ def run_video_zero_shot(model, cfg, device, cache):
     else:
         size = image_size + image_size % 2  # yuv420p needs an even frame size
         folder = os.path.join(cfg.out_dir, "embedded_videos")
+        # the subjects are spread over the classes the core was trained on (cfg.num_classes, from its checkpoint)
         items = data.make_embedded_videos(folder, cfg.num_videos, cfg.video_frames, size, cfg.seed,
-                                          num_classes=cfg.num_video_classes)
+                                          num_classes=cfg.num_video_classes, class_pool=cfg.num_classes)
         dataset = data.VideoList(items, cfg.num_frames, image_size=image_size, label_key="class_id")
-        indices, class_names = range(len(dataset)), [name for _, name in data.emoji_classes(cfg.num_video_classes)]
+        class_names = [name for _, name in data.embedded_video_classes(cfg.num_video_classes, cfg.num_classes)]
+        indices = range(len(dataset))
         description = (f"embedded: {cfg.num_videos} composed videos ({cfg.video_frames} frames, .mp4 in {folder}), "
-                       f"{cfg.num_video_classes} emoji classes")
+                       f"{cfg.num_video_classes} emoji classes of the {cfg.num_classes} classification classes")
     result = video_zero_shot(model, dataset, class_names, batch_size=batch_size, device=device, indices=indices)
     return {**result, "skipped_bad": len(indices) - result["videos"], "classes": len(class_names),
             "frames_per_video": cfg.num_frames, "data": description}

@@ -111,7 +111,7 @@ class VideoEngineConfig:
     num_videos: int = 48  # embedded default: composed object-motion videos (data.make_embedded_videos)
     video_length: int = 16  # embedded default: frames per composed video
     video_size: int = 64  # embedded default: frame side in pixels
-    video_classes: int = 10  # embedded default: emoji classes of the moving subjects
+    video_classes: int = 10  # embedded default: emoji classes of the moving subjects, among the core's classes
     embedded_refined_fraction: float = 0.25  # embedded default: share of videos given a "human-refined" caption
     # the engine
     num_frames: int = 8  # frames sampled per video, uniformly (§2.2: 8)
@@ -126,7 +126,8 @@ class VideoEngineConfig:
     steps: int = 40
     video_batch_size: int = 8  # videos per step per rank (x num_frames frames through the image tower)
     image_batch_size: int = 8  # image-caption pairs per step per rank (data.EmojiImageText); 0 = videos only
-    image_classes: int = 0  # classes of the image pairs; 0 = the start checkpoint's (its train_config), else 100
+    image_classes: int = 0  # classes of the image pairs (and the pool of the embedded videos' subjects); 0 = the
+    #                         start checkpoint's (its train_config), else 100
     image_size: int = 0  # training resolution; 0 = the start checkpoint's last stage (as evaluate.py), else the model's
     optimizer: str = "lamb"  # lamb | adamw (train_clip.build_optimizer)
     lr: float = 1e-3  # LAMB: each layer moves about lr x its norm per step
@@ -567,9 +568,10 @@ def write_embedded_annotations(rows, path, fraction, seed=0):
     return path
 
 
-def prepare_videos(cfg, rank=0, bad=None):
+def prepare_videos(cfg, rank=0, bad=None, class_pool=100):
     """(videos [(key, path)], class names for the retrieval vocabulary, annotation file or ""). The embedded
-    default is made (once, by rank 0) under out_dir/embedded with its annotation file."""
+    default is made (once, by rank 0) under out_dir/embedded with its annotation file; its subjects are
+    spread over the class_pool classes the core was trained on (data.embedded_video_classes)."""
     bad = bad if bad is not None else data.BadSamples("video_engine")
     annotations = cfg.annotations
     if cfg.videos:
@@ -580,7 +582,7 @@ def prepare_videos(cfg, rank=0, bad=None):
             # the same classes as evaluate.py's held-out videos, other seeds: no evaluation video is trained on
             rows = data.make_embedded_videos(os.path.join(cfg.out_dir, "embedded"), cfg.num_videos, cfg.video_length,
                                              cfg.video_size, seed=data.seed_for(cfg.seed, "video-engine"),
-                                             num_classes=cfg.video_classes)
+                                             num_classes=cfg.video_classes, class_pool=class_pool)
             if not annotations and cfg.embedded_refined_fraction > 0:
                 annotations = write_embedded_annotations(
                     rows, os.path.join(cfg.out_dir, "embedded", "annotations.jsonl"), cfg.embedded_refined_fraction,
@@ -588,7 +590,7 @@ def prepare_videos(cfg, rank=0, bad=None):
         elif not annotations and cfg.embedded_refined_fraction > 0:
             annotations = os.path.join(cfg.out_dir, "embedded", "annotations.jsonl")
         barrier()
-        class_names = [name for _, name in data.emoji_classes(cfg.video_classes, seed=0)]
+        class_names = [name for _, name in data.embedded_video_classes(cfg.video_classes, class_pool)]
     if cfg.vocabulary:
         if not os.path.isfile(cfg.vocabulary):
             raise SystemExit(f"--vocabulary={cfg.vocabulary}: no such file")
@@ -598,12 +600,13 @@ def prepare_videos(cfg, rank=0, bad=None):
 
 
 def run_engine(cfg, model, device="cpu", rank=0, world_size=1, captioner=None, summarizer=None, progress=True,
-               image_size=None):
+               image_size=None, class_pool=None):
     """Stages 1-4 on cfg's videos; returns {"shards", "videos", "captioned", "summarised", "refined", "bad"}.
     captioner / summarizer override the defaults (tests count the captioner's calls through this);
-    image_size: the retrieval captioner's resolution (default: the model's)."""
+    image_size: the retrieval captioner's resolution (default: the model's); class_pool: the core's training
+    class count, whose classes the embedded videos show (default: core_classes without a checkpoint)."""
     bad = data.BadSamples("video_engine")
-    videos, class_names, annotation_path = prepare_videos(cfg, rank, bad)
+    videos, class_names, annotation_path = prepare_videos(cfg, rank, bad, class_pool or core_classes(cfg, {}))
     if captioner is None and cfg.captioner_checkpoint:
         captioner = load_vlm_captioner(cfg.captioner_checkpoint, device)
     elif captioner is None:
@@ -708,6 +711,15 @@ def start_config(checkpoint):
     return (blob.get("train_config") or {}) if isinstance(blob, dict) else {}
 
 
+def core_classes(cfg, trained):
+    """The emoji classes of the finetuning's image pairs, which are also the pool the embedded videos' subjects
+    come from: --image_classes, else those of the start checkpoint's training (its train_config), else 100
+    (train_clip.py's default)."""
+    if cfg.image_classes:
+        return cfg.image_classes
+    return int(trained.get("num_classes", 100)) if trained.get("data") == "emoji" else 100
+
+
 def training_resolution(cfg, model, trained):
     """--image_size, else the final stage resolution of train_clip.py's run (where evaluate.py evaluates too),
     else the model's own."""
@@ -789,8 +801,7 @@ def finetune(cfg, model, shard_dir, device="cpu", rank=0, world_size=1, start_ch
     group = dist.group.WORLD if world_size > 1 else None
     trained = start_config(start_checkpoint) if start_checkpoint else {}
     image_size = training_resolution(cfg, model, trained)
-    image_classes = cfg.image_classes or (int(trained.get("num_classes", 100)) if trained.get("data") == "emoji"
-                                          else 100)
+    image_classes = core_classes(cfg, trained)
     torch.manual_seed(cfg.seed)
     model = model.to(device).train()
     train_forward = train_clip.wrap_for_training(VideoTrainingForward(model, cfg.num_frames), device, world_size)
@@ -879,8 +890,9 @@ def main(argv=None):
     if not isinstance(model, pe_model.CLIP):
         raise SystemExit(f"--checkpoint={checkpoint}: a PE-core CLIP checkpoint (vision + text towers) is needed")
     started = time.time()
-    engine = run_engine(cfg, model, device, rank, world_size,
-                        image_size=training_resolution(cfg, model, start_config(checkpoint)))
+    trained = start_config(checkpoint)
+    engine = run_engine(cfg, model, device, rank, world_size, image_size=training_resolution(cfg, model, trained),
+                        class_pool=core_classes(cfg, trained))
     bad = engine["bad"].all_reduce()
     master = rank == 0
     if master:

@@ -513,6 +513,17 @@ def test_embedded_videos_are_real_files_with_labels(tmp_path):
     assert clip.shape == (4, 3, 16, 16) and label == 2
 
 
+def test_embedded_video_subjects_are_classes_the_core_was_trained_on(tmp_path):
+    pool = data.emoji_classes(100)  # train_clip.py's default classes
+    subjects = data.embedded_video_classes(10, class_pool=100)
+    assert subjects == [pool[10 * k] for k in range(10)]  # spread evenly over the pool (and its topics)
+    items = data.make_embedded_videos(str(tmp_path), num_videos=16, num_frames=2, size=16, num_classes=2,
+                                      class_pool=100)
+    assert {label["class_name"] for _, label, _ in items} == {pool[0][1], pool[50][1]}
+    with pytest.raises(ValueError, match="pool of 5"):
+        data.embedded_video_classes(10, class_pool=5)
+
+
 def test_tar_shards_read_video_samples(tmp_path):
     data.write_video(str(tmp_path / "clip.mp4"), coloured_frames(8, size=(16, 16)))
     write_tar(tmp_path / "v.tar", [("a.mp4", (tmp_path / "clip.mp4").read_bytes()), ("a.txt", b"a clip"),

@@ -97,7 +97,8 @@ class LangConfig:
     # data: embedded emoji QA by default, JSONL files for real data
     train_jsonl: str = ""
     val_jsonl: str = ""
-    num_classes: int = 20
+    num_classes: int = 20  # emoji classes of the embedded QA, spread over the core's training classes:
+    class_pool: int = 0  # the class count the core was trained on; 0 = its checkpoint's (train_config), else 100
     train_images_per_class: int = 30  # single-emoji training images (data.EmojiImageText "train", epoch 0)
     val_images_per_class: int = 4  # held-out renderings (data.EmojiImageText "val")
     train_scenes: int = 300  # composed scenes with 1-4 emoji, for counting
@@ -532,7 +533,8 @@ def embedded_pool(cfg, split, image_size):
     train = split == "train"
     per_class = cfg.train_images_per_class if train else cfg.val_images_per_class
     singles = data.EmojiImageText(split, num_classes=cfg.num_classes, images_per_class=per_class,
-                                  canvas_size=image_size, seed=cfg.seed)
+                                  canvas_size=image_size, seed=cfg.seed,
+                                  class_pool=max(cfg.class_pool, cfg.num_classes) if cfg.class_pool else None)
     images, records = [], []
     for index in range(len(singles)):
         image, caption, label = singles[index]
@@ -907,6 +909,9 @@ def main():
     started = time.time()
 
     checkpoint = pe_model.resolve_checkpoint(cfg.checkpoint or None)
+    if not cfg.class_pool:  # ask about classes the core has seen (saved with the VLM: evaluate.py's VQA reuses it)
+        trained = pe_model.checkpoint_train_config(checkpoint)
+        cfg.class_pool = int(trained.get("num_classes", 100)) if trained.get("data") == "emoji" else 100
     core_state, core_vision_cfg = read_core_checkpoint(checkpoint, cfg.model)
     core_depth = core_vision_cfg["layers"]
     layers = cfg.vision_layers or max(1, core_depth - 1)

@@ -483,10 +483,12 @@ class EmojiImageText(torch.utils.data.Dataset):
     """
 
     def __init__(self, split="train", num_classes=100, images_per_class=50, canvas_size=64, seed=0,
-                 style="openmoji", transform=None, epoch=0, class_seed=0):
+                 style="openmoji", transform=None, epoch=0, class_seed=0, class_pool=None):
         if split not in ("train", "val"):
             raise ValueError(f"EmojiImageText: split must be 'train' or 'val', got {split!r}")
-        self.classes = emoji_classes(num_classes, seed=class_seed)
+        # class_pool: draw the classes from those of a core trained on class_pool classes (emoji_class_subset)
+        self.classes = (emoji_class_subset(num_classes, class_pool, class_seed) if class_pool
+                        else emoji_classes(num_classes, seed=class_seed))
         if len(self.classes) < num_classes:
             raise ValueError(f"EmojiImageText: num_classes={num_classes} but the OpenMoji font has only "
                              f"{len(self.classes)} named single-code-point emoji")

@@ -153,13 +153,7 @@ def resolve_defaults(cfg, model, checkpoint_path):
     """Fill the 0 = automatic fields: a checkpoint of train_clip.py on the embedded data stores its
     train_config, whose class count, final-stage resolution and seed reproduce its held-out split; otherwise
     100 classes at the model's pretraining size."""
-    trained = {}
-    if checkpoint_path:
-        try:  # mmap: the weights are not copied again
-            blob = torch.load(checkpoint_path, map_location="cpu", weights_only=True, mmap=True)
-        except RuntimeError:  # a legacy (non-zip) file cannot be mapped; such files hold no train_config anyway
-            blob = None
-        trained = (blob.get("train_config") or {}) if isinstance(blob, dict) else {}
+    trained = pe_model.checkpoint_train_config(checkpoint_path) if checkpoint_path else {}
     if trained.get("data") != "emoji":
         trained = {}
     if not cfg.num_classes:

@@ -19,8 +19,9 @@ strict=True and no conversion, and checkpoints written here load into the offici
 the model and nothing else: no training code (see train_clip.py and the other stage scripts).
 
 Contents, in order: configs; tokenizer; preprocessing; 2D RoPE; building blocks; vision tower; text tower;
-CLIP; building and loading; last, two helpers every stage script shares (parse_config for --field=value
-options, resolve_checkpoint for the default PE-core checkpoint).
+CLIP; building and loading; last, the helpers every stage script shares (parse_config for --field=value
+options, resolve_checkpoint for the default PE-core checkpoint, checkpoint_train_config for what it was
+trained on).
 """
 
 import gzip
@@ -799,6 +800,16 @@ def latest_checkpoint(out_dir=DEFAULT_CORE_DIR):
     """The newest checkpoint (*.pt) train_clip.py wrote into out_dir, or None."""
     paths = [p for p in glob.glob(os.path.join(out_dir, "*.pt")) if os.path.isfile(p)]
     return max(paths, key=os.path.getmtime) if paths else None
+
+
+def checkpoint_train_config(path):
+    """The train_config that train_clip.py stored in checkpoint `path` (data, classes, resolution stages, seed),
+    or {} (an official file, a tower export, an unreadable file). Memory-mapped: the weights are not read."""
+    try:
+        blob = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except (RuntimeError, OSError, ValueError):  # a legacy (non-zip) file cannot be mapped; it holds no config
+        return {}
+    return dict(blob.get("train_config") or {}) if isinstance(blob, dict) else {}
 
 
 def resolve_checkpoint(path=None):

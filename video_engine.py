@@ -702,15 +702,6 @@ def video_text_loss(model, videos, tokens, group=None):
     return contrastive_loss(visual, text, logit_scale, group)
 
 
-def start_config(checkpoint):
-    """The train_config that train_clip.py stored in `checkpoint` (its data, classes, final resolution), or {}."""
-    try:
-        blob = torch.load(checkpoint, map_location="cpu", weights_only=True, mmap=True)
-    except (RuntimeError, OSError, ValueError):
-        return {}
-    return (blob.get("train_config") or {}) if isinstance(blob, dict) else {}
-
-
 def core_classes(cfg, trained):
     """The emoji classes of the finetuning's image pairs, which are also the pool the embedded videos' subjects
     come from: --image_classes, else those of the start checkpoint's training (its train_config), else 100
@@ -799,7 +790,7 @@ def finetune(cfg, model, shard_dir, device="cpu", rank=0, world_size=1, start_ch
     resumed run reproduces the uninterrupted one. Returns {"path", "losses"} (the losses of this call's steps)."""
     device = torch.device(device)
     group = dist.group.WORLD if world_size > 1 else None
-    trained = start_config(start_checkpoint) if start_checkpoint else {}
+    trained = pe_model.checkpoint_train_config(start_checkpoint) if start_checkpoint else {}
     image_size = training_resolution(cfg, model, trained)
     image_classes = core_classes(cfg, trained)
     torch.manual_seed(cfg.seed)
@@ -890,7 +881,7 @@ def main(argv=None):
     if not isinstance(model, pe_model.CLIP):
         raise SystemExit(f"--checkpoint={checkpoint}: a PE-core CLIP checkpoint (vision + text towers) is needed")
     started = time.time()
-    trained = start_config(checkpoint)
+    trained = pe_model.checkpoint_train_config(checkpoint)
     engine = run_engine(cfg, model, device, rank, world_size, image_size=training_resolution(cfg, model, trained),
                         class_pool=core_classes(cfg, trained))
     bad = engine["bad"].all_reduce()

@@ -211,3 +211,16 @@ def test_short_run_lowers_the_loss_and_answers(core_checkpoint, tmp_path):
     align_lang.save_vlm(vlm, path, cfg, {}, vocab)
     result = align_lang.vqa_accuracy(path, jsonl=str(tmp_path / "qa.jsonl"))
     assert result["accuracy"] == 1.0 and result["num_questions"] == 4
+
+
+def test_embedded_questions_ask_about_classes_the_core_was_trained_on():
+    """The QA classes are spread over the core's training classes (class_pool, resolved from its checkpoint's
+    train_config by main()), so a frozen tower has seen what it is asked about."""
+    import data
+
+    cfg = align_lang.LangConfig(num_classes=4, class_pool=100, val_images_per_class=1, val_scenes=2,
+                                val_colour_images=2)
+    pool = align_lang.embedded_pool(cfg, "val", 32)
+    core_classes = [name for _, name in data.emoji_classes(100)]
+    assert pool["class_names"] == [core_classes[25 * k] for k in range(4)]
+    assert all(name in core_classes for record in pool["records"] for name in record["names"])

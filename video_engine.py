@@ -295,7 +295,7 @@ def load_vlm_captioner(checkpoint, device):
     import align_lang
 
     vlm = align_lang.load_vlm(checkpoint, device=device)
-    tokenizer = align_lang.make_tokenizer(vlm.lm.args)
+    tokenizer = vlm.tokenizer  # the one the VLM was trained with (a compact vocabulary for a from-scratch LM)
     image_size = vlm.vision.image_size
 
     def captioner(frames):
@@ -467,7 +467,7 @@ def load_lm_summarizer(checkpoint, device):
     import align_lang
 
     vlm = align_lang.load_vlm(checkpoint, device=device)
-    tokenizer = align_lang.make_tokenizer(vlm.lm.args)
+    tokenizer = vlm.tokenizer  # the one the VLM was trained with (a compact vocabulary for a from-scratch LM)
     blank = torch.zeros(1, 3, vlm.vision.image_size, vlm.vision.image_size)  # 0 = mid-grey in [-1, 1]
 
     def summarizer(frame_captions, video_caption, metadata=None):

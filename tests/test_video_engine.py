@@ -252,3 +252,26 @@ def test_resumed_finetuning_reproduces_the_uninterrupted_run(embedded_run, model
                                      for path in (full["path"], resumed["path"]))
     for key, value in full_weights.items():
         torch.testing.assert_close(resumed_weights[key], value, atol=1e-6, rtol=0, msg=key)
+
+
+def test_an_align_lang_checkpoint_captions_and_summarises(core_checkpoint, tmp_path):
+    """The paper's set-up (§2.2): a language-aligned model captions the frames and clips and an LM summarises.
+    A VLM with a compact vocabulary (what align_lang.py trains from scratch) must caption with its own
+    tokenizer; both return text."""
+    import align_lang
+
+    state, vision_cfg = align_lang.read_core_checkpoint(core_checkpoint)
+    vision = align_lang.build_vision_tower(state, vision_cfg, 2)
+    vocab = align_lang.build_vocab(["describe the image.", "an emoji of a turtle.", "a video of a turtle moving left."])
+    torch.manual_seed(0)
+    lm = align_lang.Llama(align_lang.LlamaArgs(dim=32, n_layers=1, n_heads=4, n_kv_heads=2, vocab_size=len(vocab),
+                                               multiple_of=16))
+    vlm = align_lang.VLM(vision, align_lang.MLPProjector(vision.width, lm.args.dim, 2), lm)
+    path = str(tmp_path / "vlm.pt")
+    align_lang.save_vlm(vlm, path, align_lang.LangConfig(max_new_tokens=4), {}, vocab)
+    frames = torch.from_numpy(np.full((NUM_FRAMES, 40, 40, 3), 120, np.uint8))
+    captioner = video_engine.load_vlm_captioner(path, "cpu")
+    assert isinstance(captioner(frames[:1]), str) and isinstance(captioner(frames), str)
+    summarizer = video_engine.load_lm_summarizer(path, "cpu")
+    assert isinstance(summarizer(["an emoji of a turtle."], "a video of a turtle moving left.", {"fps": 8}), str)
+    assert captioner.name == summarizer.name == f"align_lang:{os.path.abspath(path)}"

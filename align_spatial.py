@@ -397,22 +397,13 @@ def save_spatial_checkpoint(path, student, step, cfg, teacher_layer, metrics):
                               "metrics": metrics}, path)
 
 
-def _per_rank(value, world_size):
-    """[value of rank 0, value of rank 1, ...] on every rank (the value itself alone in one process)."""
-    if world_size == 1:
-        return [value]
-    gathered = [None] * world_size
-    dist.all_gather_object(gathered, value)
-    return gathered
-
-
 def save_training_state(path, student, optimizer, step, position, generator, history, cfg, teacher_layer,
                         world_size=1):
     """A resumable checkpoint: the student (official PE-Spatial layout + config), optimizer, step, RNG
     states, and per rank its data position and student-mask generator; the loss history. Call on every rank
     (the per-rank parts are gathered); rank 0 writes it atomically."""
-    positions = _per_rank(list(position), world_size)
-    generators = _per_rank(generator.get_state(), world_size)
+    positions = train_clip.gather_per_rank(list(position), world_size)
+    generators = train_clip.gather_per_rank(generator.get_state(), world_size)
     if dist.is_initialized() and dist.get_rank() != 0:
         return
     pe_model.save_checkpoint({"model": student.state_dict(), "config": pe_model.get_config(student),
@@ -441,7 +432,9 @@ def load_training_state(path, student, optimizer, rank, world_size):
     optimizer.load_state_dict(state["optimizer"])
     train_clip.set_rng_state(state["rng"])
     position = tuple(int(v) for v in state["data_position"][rank])
-    return int(state["step"]), position, state["mask_generator"][rank], list(state["history"])
+    # a copy: Generator.set_state reads a row view of the stacked states from its storage's start (rank 1
+    # of a stack crashes the process)
+    return int(state["step"]), position, state["mask_generator"][rank].clone(), list(state["history"])
 
 
 def train(cfg, checkpoint, rank=0, world_size=1, device=torch.device("cpu")):

@@ -24,8 +24,8 @@ and bad_samples/ (skipped inputs, counted per reason).
 
 Pieces other stages import: LAMB, param_groups, build_optimizer, lr_at, parse_stages, resolution_at,
 setup_distributed, wrap_for_training, TrainingForward, sample_masks, mask_regularization_loss,
-contrastive_step, zero_shot_classifier, zero_shot_accuracy, save_training_checkpoint,
-load_training_checkpoint.
+contrastive_step, zero_shot_classifier, zero_shot_accuracy, rng_state, set_rng_state, gather_per_rank,
+save_training_checkpoint, load_training_checkpoint.
 """
 
 import dataclasses
@@ -140,6 +140,16 @@ def setup_distributed():
     if world_size > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     return rank, world_size, local_rank, device
+
+
+def gather_per_rank(value, world_size):
+    """[value of rank 0, value of rank 1, ...] on every rank (any picklable value; [value] in one process):
+    what a checkpoint needs from every rank when each reads its own data (video_engine, align_spatial)."""
+    if world_size == 1:
+        return [value]
+    gathered = [None] * world_size
+    dist.all_gather_object(gathered, value)
+    return gathered
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -786,8 +786,9 @@ def finetune(cfg, model, shard_dir, device="cpu", rank=0, world_size=1, start_ch
     image-caption pairs; writes out_dir/video_finetune.pt (train_clip's checkpoint format, plus the start
     checkpoint's train_config so that evaluate.py picks the same classes and resolution) and, every
     cfg.checkpoint_every steps, video_finetune_step_NNNNNN.pt (the newest is kept). --resume continues from the
-    newest of them: weights, optimizer, step, RNG states and the position in both data streams, so the
-    resumed run reproduces the uninterrupted one. Returns {"path", "losses"} (the losses of this call's steps)."""
+    newest of them: weights, optimizer, step, RNG states and each rank's position in both data streams (so with
+    as many processes as wrote it), and the resumed run reproduces the uninterrupted one. Returns {"path",
+    "losses"} (the losses of this call's steps)."""
     device = torch.device(device)
     group = dist.group.WORLD if world_size > 1 else None
     trained = pe_model.checkpoint_train_config(start_checkpoint) if start_checkpoint else {}
@@ -803,8 +804,11 @@ def finetune(cfg, model, shard_dir, device="cpu", rank=0, world_size=1, start_ch
     if resume_from:
         state = train_clip.load_training_checkpoint(resume_from[0], train_forward, optimizer)
         step = int(state["step"])
-        if "data_position" in state:
-            position = tuple(int(v) for v in state["data_position"])
+        positions = state.get("data_position", torch.zeros(world_size, 4, dtype=torch.long)).view(-1, 4)
+        if len(positions) != world_size:  # every rank reads its own shards: its position is its own
+            raise SystemExit(f"{resume_from[0]}: written by {len(positions)} process(es); resume it with as many "
+                             f"(now {world_size})")
+        position = tuple(int(v) for v in positions[rank])
         if rank == 0:
             print(f"resuming the finetuning at step {step} from {resume_from[0]}")
     elif cfg.resume and rank == 0:
@@ -838,14 +842,14 @@ def finetune(cfg, model, shard_dir, device="cpu", rank=0, world_size=1, start_ch
             older = finetune_checkpoints(cfg.out_dir)
             train_clip.save_training_checkpoint(
                 os.path.join(cfg.out_dir, f"video_finetune_step_{step:06d}.pt"), train_forward, optimizer, step,
-                {**extra, "data_position": torch.tensor(position)})
+                {**extra, "data_position": torch.tensor(train_clip.gather_per_rank(position, world_size))})
             if rank == 0:  # keep the newest step checkpoint only (and the final one of an earlier run)
                 for old in older:
                     if old != path:
                         os.remove(old)
     bar.close()
-    train_clip.save_training_checkpoint(path, train_forward, optimizer, step,
-                                        {**extra, "data_position": torch.tensor(position)})
+    train_clip.save_training_checkpoint(path, train_forward, optimizer, step, {
+        **extra, "data_position": torch.tensor(train_clip.gather_per_rank(position, world_size))})  # (ranks, 4)
     barrier()
     return {"path": path, "losses": losses}
 

@@ -41,12 +41,11 @@ greedy answer after normalisation (lower case, no punctuation or articles). Real
 {"image": path (relative to the file), "question": ..., "answer": ...} per line (--train_jsonl/--val_jsonl);
 bad lines are skipped and counted.
 
-Real Llama weights (e.g. Llama 3.2 1B from Meta, original format): --llama_dir=DIR loads them, but they need
-Llama's own tokenizer (tiktoken, tokenizer.model), which is not a dependency here: write a class with
-encode(text) -> ids, decode(ids) -> str and bos_id / eos_id / pad_id attributes and return it from
-`make_tokenizer` (the only place the tokenizer is chosen). Llama 3.2 1B/3B need --llama_rope_scaling_factor=32
-(their RoPE scaling factor is not in params.json). An LM trained here with --lm_full_vocab and saved with
-`save_llama` loads back with the CLIP tokenizer as it is.
+Real Llama weights (e.g. Llama 3.2 1B from Meta, original format): --llama_dir=DIR loads params.json and
+consolidated.00.pth, and the tokenizer.model beside them is read by Llama3Tokenizer (Llama 3's byte-level BPE,
+written here: no tiktoken needed); the VLM checkpoint remembers the folder, so load_vlm finds the tokenizer
+again. Llama 3.2 1B/3B need --llama_rope_scaling_factor=32 (their RoPE scaling factor is not in params.json).
+An LM trained here with --lm_full_vocab and saved with `save_llama` loads back with the CLIP tokenizer as it is.
 """
 
 import glob
@@ -85,7 +84,7 @@ class LangConfig:
     ls_init_value: Optional[float] = 0.1  # LayerScale added to the tower in stage 2; none = no LayerScale
     drop_path: float = 0.1  # stochastic depth of the tower in stage 2
     # language model: a Llama-format checkpoint folder, or a small decoder trained from scratch
-    llama_dir: str = ""  # folder with consolidated.00.pth + params.json (Meta's original format)
+    llama_dir: str = ""  # folder with consolidated.00.pth + params.json + tokenizer.model (Meta's original format)
     llama_rope_scaling_factor: float = 0.0  # with use_scaled_rope: 0 = LlamaArgs' 8 (Llama 3.1); 32 for 3.2 1B/3B
     lm_dim: int = 128
     lm_layers: int = 4
@@ -460,15 +459,96 @@ def build_vocab(texts):
     return [pe_model.PAD_TOKEN_ID, pe_model.SOT_TOKEN_ID, pe_model.EOT_TOKEN_ID, -1] + used
 
 
-def make_tokenizer(lm_args, vocab=None):
-    """The tokenizer for an LM. Plug a real Llama's tokenizer in here (see the module docstring)."""
+# Llama 3's tokenizer (Llama 3, 3.1, 3.2): a byte-level BPE whose tokenizer.model file lists every token as
+# "base64(bytes) rank", one per line (128,000 of them), the rank being both the token id and the merge priority.
+# Text is first split by the pre-tokenisation pattern below, then each piece's UTF-8 bytes are merged pairwise,
+# always the adjacent pair whose concatenation has the lowest rank, until no adjacent pair is a token. 256
+# special tokens follow the BPE ids. Written here from that description (the tiktoken format), so that a real
+# Llama plugs in without a dependency.
+LLAMA3_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|"
+                  r"\s*[\r\n]+|\s+(?!\S)|\s+")
+LLAMA3_SPECIAL_TOKENS = ["<|begin_of_text|>", "<|end_of_text|>", "<|reserved_special_token_0|>",
+                         "<|reserved_special_token_1|>", "<|finetune_right_pad_id|>", "<|step_id|>",
+                         "<|start_header_id|>", "<|end_header_id|>", "<|eom_id|>", "<|eot_id|>", "<|python_tag|>",
+                         "<|image|>"]  # then <|reserved_special_token_2|> ... up to 256 special tokens
+
+
+class Llama3Tokenizer:
+    """Llama 3's tokenizer from its tokenizer.model file (Meta's original download has it next to
+    consolidated.00.pth). bos = <|begin_of_text|>, eos = <|end_of_text|>, pad = <|finetune_right_pad_id|>."""
+
+    def __init__(self, path):
+        import base64
+
+        import regex  # \p{L} / \p{N} classes, as pe_model's CLIP tokenizer
+
+        self.ranks = {}
+        with open(path, "rb") as f:
+            for number, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    token, rank = line.split()
+                    self.ranks[base64.b64decode(token, validate=True)] = int(rank)
+                except ValueError:
+                    raise ValueError(f"{path}:{number}: not a 'base64 rank' line of a Llama 3 tokenizer.model") from None
+        if sorted(self.ranks.values()) != list(range(len(self.ranks))):
+            raise ValueError(f"{path}: the ranks are not 0..{len(self.ranks) - 1}, each once")
+        if any(bytes([b]) not in self.ranks for b in range(256)):
+            raise ValueError(f"{path}: not every single byte is a token (a byte-level BPE needs all 256)")
+        self.tokens = {rank: token for token, rank in self.ranks.items()}
+        names = LLAMA3_SPECIAL_TOKENS + [f"<|reserved_special_token_{i}|>"
+                                         for i in range(2, 2 + 256 - len(LLAMA3_SPECIAL_TOKENS))]
+        self.special = {name: len(self.ranks) + i for i, name in enumerate(names)}
+        self.bos_id, self.eos_id = self.special["<|begin_of_text|>"], self.special["<|end_of_text|>"]
+        self.pad_id, self.unk_id = self.special["<|finetune_right_pad_id|>"], None
+        self.vocab_size = len(self.ranks) + len(names)
+        self.pattern = regex.compile(LLAMA3_PATTERN)
+        self.cache = {}  # piece -> ids
+
+    def _bpe(self, piece):
+        """Token ids of one pre-token's bytes: merge the adjacent pair of lowest rank until none is a token."""
+        parts = [bytes([b]) for b in piece]
+        while len(parts) > 1:
+            pairs = [(self.ranks[a + b], i) for i, (a, b) in enumerate(zip(parts, parts[1:])) if a + b in self.ranks]
+            if not pairs:
+                break
+            _, i = min(pairs)
+            parts[i: i + 2] = [parts[i] + parts[i + 1]]
+        return [self.ranks[part] for part in parts]
+
+    def encode(self, text):
+        ids = []
+        for piece in self.pattern.findall(text):
+            if piece not in self.cache:
+                raw = piece.encode("utf-8")
+                self.cache[piece] = [self.ranks[raw]] if raw in self.ranks else self._bpe(raw)
+            ids += self.cache[piece]
+        return ids
+
+    def decode(self, ids):
+        raw = b"".join(self.tokens[i] for i in ids if i in self.tokens)  # special tokens are dropped
+        return raw.decode("utf-8", errors="replace").strip()
+
+
+def make_tokenizer(lm_args, vocab=None, llama_dir=""):
+    """The tokenizer for an LM: a real Llama's own (llama_dir/tokenizer.model), else CLIP's BPE (restricted to
+    `vocab` for a from-scratch LM)."""
+    tokenizer_path = os.path.join(llama_dir, "tokenizer.model") if llama_dir else ""
+    if tokenizer_path and os.path.isfile(tokenizer_path):
+        tokenizer = Llama3Tokenizer(tokenizer_path)
+        if tokenizer.vocab_size != lm_args.vocab_size:
+            raise SystemExit(f"{tokenizer_path}: {tokenizer.vocab_size} token ids (BPE + 256 special) but the LM has "
+                             f"{lm_args.vocab_size}: not this model's tokenizer (Llama 3.x has 128,256)")
+        return tokenizer
     if vocab is not None:
         if len(vocab) != lm_args.vocab_size:
             raise ValueError(f"the LM has {lm_args.vocab_size} token ids but its vocabulary lists {len(vocab)}")
         return ClipTokenizer(vocab)
     if lm_args.vocab_size != pe_model.get_tokenizer().vocab_size:
-        raise SystemExit(f"the LM has a vocabulary of {lm_args.vocab_size}, not CLIP BPE's 49408: a real Llama "
-                         "needs its own tokenizer (tiktoken tokenizer.model); add it in align_lang.make_tokenizer")
+        raise SystemExit(f"the LM has a vocabulary of {lm_args.vocab_size}, not CLIP BPE's 49,408, and no tokenizer "
+                         f"was found" + (f" at {tokenizer_path}" if tokenizer_path else "") + ": put Llama 3's "
+                         "tokenizer.model in --llama_dir")
     return ClipTokenizer()
 
 
@@ -869,7 +949,7 @@ def load_vlm(path, device="cpu"):
     vlm = VLM(vision, projector, lm)
     vlm.load_state_dict(blob["model"])  # strict
     vlm.lang_config = blob["lang_config"]
-    vlm.tokenizer = make_tokenizer(lm.args, blob.get("vocab"))
+    vlm.tokenizer = make_tokenizer(lm.args, blob.get("vocab"), blob["lang_config"].get("llama_dir", ""))
     return vlm.to(device).eval()
 
 
@@ -901,8 +981,8 @@ def vqa_accuracy(checkpoint_path, split="val", jsonl=None, max_samples=None, bat
 # ---------------------------------------------------------------------------------------------------------
 
 
-def main():
-    cfg = pe_model.parse_config(LangConfig())
+def main(argv=None):
+    cfg = pe_model.parse_config(LangConfig(), argv)
     torch.manual_seed(cfg.seed)
     device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available() else
                           ("cpu" if cfg.device == "auto" else cfg.device))
@@ -941,7 +1021,7 @@ def main():
         lm = Llama(LlamaArgs(dim=cfg.lm_dim, n_layers=cfg.lm_layers, n_heads=cfg.lm_heads, n_kv_heads=cfg.lm_kv_heads,
                              vocab_size=len(vocab) if vocab else pe_model.get_tokenizer().vocab_size,
                              multiple_of=cfg.lm_multiple_of, rope_theta=cfg.lm_rope_theta))
-    tokenizer = make_tokenizer(lm.args, vocab)
+    tokenizer = make_tokenizer(lm.args, vocab, cfg.llama_dir)
     vlm = VLM(vision, MLPProjector(vision.width, lm.args.dim, cfg.pooling_ratio), lm).to(device)
     print(f"vision: {checkpoint}, first {layers} of {core_depth} blocks (width {vision.width}); LM: "
           f"{'Llama from ' + cfg.llama_dir if cfg.llama_dir else 'from scratch'}, dim {lm.args.dim}, "

@@ -224,3 +224,48 @@ def test_embedded_questions_ask_about_classes_the_core_was_trained_on():
     core_classes = [name for _, name in data.emoji_classes(100)]
     assert pool["class_names"] == [core_classes[25 * k] for k in range(4)]
     assert all(name in core_classes for record in pool["records"] for name in record["names"])
+
+
+def write_llama3_tokenizer(path, merges=(b"he", b"ll", b"hell", b"hello", b" w", b"lo")):
+    """A tokenizer.model in Llama 3's format ("base64(bytes) rank" per line): the 256 bytes, then `merges`."""
+    import base64
+
+    tokens = [bytes([b]) for b in range(256)] + list(merges)
+    with open(path, "wb") as f:
+        for rank, token in enumerate(tokens):
+            f.write(base64.b64encode(token) + b" " + str(rank).encode() + b"\n")
+    return len(tokens)
+
+
+def test_llama3_tokenizer_merges_by_rank_and_round_trips(tmp_path):
+    path = str(tmp_path / "tokenizer.model")
+    num_bpe = write_llama3_tokenizer(path)
+    tokenizer = align_lang.Llama3Tokenizer(path)
+    # "hello": he (256) first, then ll (257) before lo (261), then hell (258), then hello (259)
+    assert tokenizer.encode("hello") == [259]
+    assert tokenizer.encode("hello world!") == [259, 260, *b"orld", *b"!"]
+    text = "héllo wörld 🐶, it's 1234"
+    assert tokenizer.decode(tokenizer.encode(text)) == text
+    assert tokenizer.vocab_size == num_bpe + 256
+    assert (tokenizer.bos_id, tokenizer.eos_id, tokenizer.pad_id) == (num_bpe, num_bpe + 1, num_bpe + 4)
+    assert tokenizer.decode([tokenizer.bos_id, 259, tokenizer.eos_id]) == "hello"  # specials are dropped
+    (tmp_path / "bad.model").write_bytes(b"aGk= 0\nnot base64 at all\n")
+    with pytest.raises(ValueError, match="bad.model:2"):
+        align_lang.Llama3Tokenizer(str(tmp_path / "bad.model"))
+
+
+def test_a_llama_folder_with_its_tokenizer_trains_and_reloads(core_checkpoint, tmp_path):
+    """--llama_dir with Meta's three files (params.json, consolidated.00.pth, tokenizer.model): the stages run
+    on it, and load_vlm finds the same tokenizer again through the saved folder."""
+    llama_dir = tmp_path / "llama"
+    os.makedirs(llama_dir)
+    vocab_size = write_llama3_tokenizer(str(llama_dir / "tokenizer.model")) + 256
+    align_lang.save_llama(tiny_llama(vocab_size=vocab_size), str(llama_dir))
+    out_dir = tmp_path / "out"
+    align_lang.main([f"--checkpoint={core_checkpoint}", f"--llama_dir={llama_dir}", f"--out_dir={out_dir}",
+                     "--num_classes=4", "--train_images_per_class=2", "--val_images_per_class=1", "--train_scenes=4",
+                     "--val_scenes=2", "--train_colour_images=4", "--val_colour_images=2", "--stage1_steps=2",
+                     "--stage2_steps=2", "--batch_size=4", "--warmup_steps=1", "--max_new_tokens=3"])
+    vlm = align_lang.load_vlm(str(out_dir / "vlm.pt"))
+    assert isinstance(vlm.tokenizer, align_lang.Llama3Tokenizer) and vlm.lm.args.vocab_size == vocab_size
+    assert json.load(open(out_dir / "metrics.json"))["stage2"]["num_questions"] > 0

@@ -285,7 +285,7 @@ def load_llama(checkpoint_dir, rope_scaling_factor=None):
     args = read_llama_params(params_path)
     if rope_scaling_factor is not None:
         args.rope_scaling_factor = rope_scaling_factor
-    state = torch.load(shards[0], map_location="cpu", weights_only=True)
+    state = pe_model.read_checkpoint_file(shards[0])
     state.pop("rope.freqs", None)  # the first Llama release stored its RoPE table; it is recomputed here
     if args.vocab_size <= 0:
         args.vocab_size = state["tok_embeddings.weight"].shape[0]
@@ -324,7 +324,10 @@ def save_llama(model, checkpoint_dir):
 def read_core_checkpoint(path, name=""):
     """(vision state_dict without the 'visual.' prefix, vision_cfg dict) of a PE-core checkpoint: ours (it
     stores its config) or an official .pt with its official name."""
-    blob = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        blob = pe_model.read_checkpoint_file(path)
+    except (OSError, ValueError) as error:
+        raise SystemExit(f"--checkpoint={path}: {error}") from None
     config = blob.get("config") if isinstance(blob, dict) and isinstance(blob.get("config"), dict) else None
     if name:
         config = pe_model.model_config(name)
@@ -940,7 +943,7 @@ def save_vlm(vlm, path, cfg, metrics, vocab=None):
 def load_vlm(path, device="cpu"):
     """A VLM written by save_vlm, in eval mode; its training config is `vlm.lang_config` (a dict) and its
     tokenizer `vlm.tokenizer`."""
-    blob = torch.load(path, map_location="cpu", weights_only=True)
+    blob = pe_model.read_checkpoint_file(path)
     if not isinstance(blob, dict) or "llama_params" not in blob:
         raise ValueError(f"{path} is not a VLM checkpoint of align_lang.py (no 'llama_params')")
     vision = pe_model.build_model(blob["vision_config"])

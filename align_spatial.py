@@ -139,7 +139,10 @@ def read_core_config(checkpoint, name=""):
     """The vision config dict of a core checkpoint: stored in ours, from the official name otherwise."""
     if name:
         return pe_model.model_config(name)["vision_cfg"]
-    blob = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    try:
+        blob = pe_model.read_checkpoint_file(checkpoint)
+    except (OSError, ValueError) as error:
+        raise SystemExit(f"--checkpoint={checkpoint}: {error}") from None
     if not (isinstance(blob, dict) and isinstance(blob.get("config"), dict)):
         raise SystemExit(f"--checkpoint={checkpoint}: stores no model config (an official file?); name the "
                          f"model, e.g. --model=PE-Core-L14-336")

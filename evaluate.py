@@ -1332,6 +1332,10 @@ def main(argv=None):
         raise SystemExit(f"--pooling={cfg.pooling}: expected mean or cls")
     device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available() else
                           ("cpu" if cfg.device == "auto" else cfg.device))
+    for field in ("imagenet_dir", "class_names", "coco_json", "coco_images", "kinetics_dir", "ade20k_dir", "nyu_dir",
+                  "davis_dir", "vqa_checkpoint"):  # before minutes of work, not after
+        if getattr(cfg, field) and not os.path.exists(getattr(cfg, field)):
+            raise SystemExit(f"--{field}={getattr(cfg, field)}: no such file or folder")
     started = time.time()
     model, description, checkpoint_path = load_eval_model(cfg)
     resolve_defaults(cfg, model, checkpoint_path)

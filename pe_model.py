@@ -643,16 +643,23 @@ class CheckpointMismatchError(ValueError):
     """A checkpoint does not fit the model: lists every missing, unexpected and wrongly-shaped key."""
 
 
+def read_checkpoint_file(path):
+    """torch.load(path, weights_only=True) onto the CPU, with one short error naming the file when it is missing
+    (FileNotFoundError) or not a torch checkpoint (ValueError)."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"checkpoint {path} does not exist")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # torch raises several kinds (UnpicklingError, RuntimeError, EOFError, ...)
+        reason = (str(error).strip().splitlines() or [type(error).__name__])[0][:200]
+        raise ValueError(f"checkpoint {path}: cannot be read as a torch checkpoint ({reason})") from error
+
+
 def read_state_dict(source):
     """A state dict from a path or a dict: official .pt files (bare, or wrapped in "state_dict" / "weights"),
     our checkpoints ("model"), DDP's "module." prefix stripped. Always torch.load(weights_only=True)."""
     if isinstance(source, (str, os.PathLike)):
-        if not os.path.isfile(source):
-            raise FileNotFoundError(f"checkpoint {source} does not exist")
-        try:
-            source = torch.load(source, map_location="cpu", weights_only=True)
-        except Exception as error:
-            raise ValueError(f"checkpoint {source}: cannot be read as a torch checkpoint ({error})") from error
+        source = read_checkpoint_file(source)
     state_dict = source
     for wrapper in ("state_dict", "weights", "model"):
         if isinstance(state_dict, dict) and isinstance(state_dict.get(wrapper), dict):
@@ -729,8 +736,7 @@ def load_model(checkpoint=None, name=None):
         if name is None:
             raise ValueError("give a checkpoint path, a model name, or both")
         return build_model(name)
-    blob = torch.load(checkpoint, map_location="cpu", weights_only=True) if isinstance(checkpoint, (str, os.PathLike)) \
-        else checkpoint
+    blob = read_checkpoint_file(checkpoint) if isinstance(checkpoint, (str, os.PathLike)) else checkpoint
     config = blob.get("config") if isinstance(blob, dict) and isinstance(blob.get("config"), dict) else None
     if name is not None:
         config = model_config(name)
@@ -807,7 +813,7 @@ def checkpoint_train_config(path):
     or {} (an official file, a tower export, an unreadable file). Memory-mapped: the weights are not read."""
     try:
         blob = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except (RuntimeError, OSError, ValueError):  # a legacy (non-zip) file cannot be mapped; it holds no config
+    except Exception:  # a legacy (non-zip) file cannot be mapped, and holds no config; nor does a broken one
         return {}
     return dict(blob.get("train_config") or {}) if isinstance(blob, dict) else {}
 

@@ -392,6 +392,10 @@ def build_train_dataset(cfg, load_size, bad_dir):
                                    transform=transform)
     if not cfg.train_data:
         raise SystemExit(f"--data={cfg.data} needs --train_data=...")
+    for field in ("train_data", "image_root"):  # a shard pattern is checked shard by shard (bad ones are counted)
+        path = getattr(cfg, field)
+        if path and not (cfg.data == "tar" and field == "train_data") and not os.path.exists(path):
+            raise SystemExit(f"--{field}={path}: no such file or folder")
     if cfg.data == "tar":
         return data.TarShards(cfg.train_data, transform, shuffle_buffer=cfg.shuffle_buffer, seed=cfg.seed,
                               bad_report_dir=bad_dir)

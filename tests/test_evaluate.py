@@ -357,6 +357,13 @@ def test_random_init_without_a_model_name_says_what_is_missing():
         evaluate.main(["--random_init", "--zero_shot"])
 
 
+def test_a_missing_data_folder_is_named_before_any_work(tmp_path):
+    with pytest.raises(SystemExit, match="--kinetics_dir=.*nowhere: no such file or folder"):
+        evaluate.main(["--video_zero_shot", "--model=PE-Core-Nano8-64", "--random_init",
+                       f"--kinetics_dir={tmp_path / 'nowhere'}", f"--out_dir={tmp_path}"])
+    assert not (tmp_path / "results.json").exists()
+
+
 def test_vqa_calls_align_lang_lazily_and_reports_its_numbers(monkeypatch):
     assert "skipped" in evaluate.run_vqa(evaluate.EvalConfig())
     calls = []

@@ -494,7 +494,8 @@ class Llama3Tokenizer:
                     token, rank = line.split()
                     self.ranks[base64.b64decode(token, validate=True)] = int(rank)
                 except ValueError:
-                    raise ValueError(f"{path}:{number}: not a 'base64 rank' line of a Llama 3 tokenizer.model") from None
+                    raise ValueError(f"{path}:{number}: not a 'base64 rank' line of a Llama 3 "
+                                     "tokenizer.model") from None
         if sorted(self.ranks.values()) != list(range(len(self.ranks))):
             raise ValueError(f"{path}: the ranks are not 0..{len(self.ranks) - 1}, each once")
         if any(bytes([b]) not in self.ranks for b in range(256)):

@@ -372,8 +372,9 @@ def run_robustness(model, cfg, device, cache):
         features, labels, _ = encode_image_dataset(model, noto, cfg.batch_size, device, "shift: noto", noto_indices)
         sets["noto"] = zero_shot_accuracy(features, classifier, labels)
         if noto.missing_classes:
+            missing = ", ".join(noto.class_names[c] for c in noto.missing_classes)
             notes["noto"] = (f"{len(noto_indices)} images: the Noto font lacks {len(noto.missing_classes)} of the "
-                             f"{cfg.num_classes} classes ({', '.join(noto.class_names[c] for c in noto.missing_classes)})")
+                             f"{cfg.num_classes} classes ({missing})")
     average = {k: sum(s[k] for s in sets.values()) / len(sets) for k in ("top1", "top5")}
     return {"clean": cache["zero_shot_clean"], "shifts": sets, "robustness_average": average,
             "notes": notes, "images_per_set": len(indices), "data": description}

@@ -104,7 +104,8 @@ def test_render_glyph_draws_the_emoji_and_noto_errors_clearly():
             data.render_glyph("\U0001F436", 48, style="noto")
 
 
-@pytest.mark.skipif(not data.noto_available(), reason="Debian fonts-noto-color-emoji not installed (.ci/run installs it)")
+@pytest.mark.skipif(not data.noto_available(),
+                    reason="Debian fonts-noto-color-emoji not installed (.ci/run installs it)")
 def test_noto_design_draws_the_same_classes_differently_and_names_the_ones_it_lacks():
     noto = data.EmojiImageText("val", num_classes=100, images_per_class=2, canvas_size=48, style="noto")
     openmoji = data.EmojiImageText("val", num_classes=100, images_per_class=2, canvas_size=48)

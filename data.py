@@ -1273,8 +1273,10 @@ def make_embedded_videos(out_dir: str, num_videos: int = 32, num_frames: int = 8
 
 def embedded_video_classes(num_classes: int = 10, class_pool: int | None = None) -> list[tuple[str, str]]:
     """The subjects of the embedded videos: spread over the class_pool classes a core was trained on
-    (emoji_class_subset), or, without a pool, emoji_classes(num_classes) itself."""
-    return emoji_class_subset(num_classes, class_pool) if class_pool else emoji_classes(num_classes, seed=0)
+    (emoji_class_subset), or, without a pool or with one smaller than num_classes, emoji_classes(num_classes)."""
+    if class_pool and class_pool >= num_classes:
+        return emoji_class_subset(num_classes, class_pool)
+    return emoji_classes(num_classes, seed=0)
 
 
 # Public dense layouts, for when real labels are at hand.

@@ -521,8 +521,9 @@ def test_embedded_video_subjects_are_classes_the_core_was_trained_on(tmp_path):
     items = data.make_embedded_videos(str(tmp_path), num_videos=16, num_frames=2, size=16, num_classes=2,
                                       class_pool=100)
     assert {label["class_name"] for _, label, _ in items} == {pool[0][1], pool[50][1]}
+    assert data.embedded_video_classes(10, class_pool=5) == data.emoji_classes(10)  # a pool too small for 10
     with pytest.raises(ValueError, match="pool of 5"):
-        data.embedded_video_classes(10, class_pool=5)
+        data.emoji_class_subset(10, pool=5)
 
 
 def test_tar_shards_read_video_samples(tmp_path):

@@ -23,7 +23,8 @@ Pieces, in the order they run:
     Optimizer AdamW (the official one), linear warmup then cosine, per stage. Single process.
   * Outputs in --out_dir: vlm.pt (the whole model; `load_vlm`), pe_lang_tower.pt (the aligned tower as a
     state_dict in the official PE-Lang layout + its config: `pe_model.load_model(path)` rebuilds it) and
-    pe_lang_tower.json (the config alone), metrics.json. `generate` decodes greedily, `vqa_accuracy` scores.
+    pe_lang_tower.json (the config alone), metrics.json and metrics.md (held-out accuracy per stage and question
+    type). `generate` decodes greedily, `vqa_accuracy` scores.
 
 No pretrained LM exists offline, so by default the LM is trained here from scratch, on CLIP BPE tokens
 (pe_model.get_tokenizer()) restricted to the ids its training texts use (ClipTokenizer). Stage 1 only makes
@@ -1065,14 +1066,32 @@ def main(argv=None):
     export_pe_lang_tower(vlm.vision, tower_path)
     with open(os.path.join(cfg.out_dir, "metrics.json"), "w") as f:
         json.dump(metrics, f, indent=2)
-    print(f"wrote {vlm_path} (load_vlm), {tower_path} (pe_model.load_model) and metrics.json "
+    table = accuracy_table(metrics)
+    with open(os.path.join(cfg.out_dir, "metrics.md"), "w") as f:
+        f.write(f"# align_lang.py: {checkpoint}, first {layers} of {core_depth} blocks\n\n" + table + "\n")
+    print(f"wrote {vlm_path} (load_vlm), {tower_path} (pe_model.load_model), metrics.json and metrics.md "
           f"in {metrics['minutes']:.1f} min")
     if metrics["final"] is not None:
-        held = metrics["final"]["held_out_phrasing_accuracy"]
-        print(f"held-out answer accuracy: {metrics['final']['accuracy']:.3f}"
-              + (f" (held-out phrasings {held:.3f})" if held is not None else "") + "; e.g.")
+        print(table)
+        print("e.g.")
         for line in metrics["final"]["examples"]:
             print("  " + line)
+
+
+def accuracy_table(metrics):
+    """Held-out answer accuracy after each stage, overall, on held-out phrasings and per question type, as a
+    markdown table."""
+    stages = [name for name in ("stage1", "stage2") if metrics.get(name)]
+    kinds = sorted({kind for name in stages for kind in metrics[name]["per_kind"]})
+    lines = ["| after | accuracy % | held-out phrasings % | " + " | ".join(kinds) + " |",
+             "|---" * (3 + len(kinds)) + "|"]
+    for name in stages:
+        result = metrics[name]
+        held = result["held_out_phrasing_accuracy"]
+        cells = [f"{100 * result['per_kind'].get(kind, float('nan')):.1f}" for kind in kinds]
+        lines.append(f"| {name.replace('stage', 'stage ')} | {100 * result['accuracy']:.1f} | "
+                     f"{'-' if held is None else f'{100 * held:.1f}'} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

@@ -269,3 +269,4 @@ def test_a_llama_folder_with_its_tokenizer_trains_and_reloads(core_checkpoint, t
     vlm = align_lang.load_vlm(str(out_dir / "vlm.pt"))
     assert isinstance(vlm.tokenizer, align_lang.Llama3Tokenizer) and vlm.lm.args.vocab_size == vocab_size
     assert json.load(open(out_dir / "metrics.json"))["stage2"]["num_questions"] > 0
+    assert "| stage 2 |" in (out_dir / "metrics.md").read_text()  # the readable table beside the JSON

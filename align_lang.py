@@ -995,8 +995,7 @@ def main(argv=None):
 
     checkpoint = pe_model.resolve_checkpoint(cfg.checkpoint or None)
     if not cfg.class_pool:  # ask about classes the core has seen (saved with the VLM: evaluate.py's VQA reuses it)
-        trained = pe_model.checkpoint_train_config(checkpoint)
-        cfg.class_pool = int(trained.get("num_classes", 100)) if trained.get("data") == "emoji" else 100
+        cfg.class_pool = data.trained_class_count(pe_model.checkpoint_train_config(checkpoint))
     core_state, core_vision_cfg = read_core_checkpoint(checkpoint, cfg.model)
     core_depth = core_vision_cfg["layers"]
     layers = cfg.vision_layers or max(1, core_depth - 1)

@@ -48,7 +48,6 @@ PE-Spatial layout, "config": pe_model.get_config(tower), training state, metrics
 with --checkpoint_every the newest resumable spatial_step_NNNNNN.pt (student, optimizer, RNG, data position).
 """
 
-import glob
 import importlib
 import json
 import math
@@ -416,16 +415,10 @@ def save_training_state(path, student, optimizer, step, position, generator, his
                              path)
 
 
-def training_states(out_dir):
-    """The resumable checkpoints in out_dir, oldest first."""
-    paths = glob.glob(os.path.join(out_dir, "spatial_step_*.pt"))
-    return sorted(paths, key=os.path.getmtime)
-
-
 def load_training_state(path, student, optimizer, rank, world_size):
     """Restore what save_training_state wrote into the student and optimizer (and the RNG states); returns
     (step, this rank's data position, its mask-generator state, history)."""
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    state = pe_model.read_checkpoint_file(path)
     if not isinstance(state, dict) or "mask_generator" not in state:
         raise SystemExit(f"{path}: not a resumable align_spatial.py checkpoint")
     if len(state["data_position"]) != world_size:
@@ -465,13 +458,13 @@ def train(cfg, checkpoint, rank=0, world_size=1, device=torch.device("cpu")):
                                            weight_decay=cfg.weight_decay)
     generator = torch.Generator().manual_seed(data.seed_for(cfg.seed, "spatial-masks", rank))
     start_step, position, history = 0, (0, 0), []
-    resume_from = training_states(cfg.out_dir)[-1:] if cfg.resume else []
+    resume_from = pe_model.latest_checkpoint(cfg.out_dir, "spatial_step_*.pt") if cfg.resume else None
     if resume_from:  # before DDP wraps the student: DDP starts every rank from rank 0's weights
-        start_step, position, generator_state, history = load_training_state(resume_from[0], student, optimizer,
+        start_step, position, generator_state, history = load_training_state(resume_from, student, optimizer,
                                                                               rank, world_size)
         generator.set_state(generator_state)
         if rank == 0:
-            print(f"resuming at step {start_step} from {resume_from[0]}")
+            print(f"resuming at step {start_step} from {resume_from}")
     elif cfg.resume and rank == 0:
         print(f"--resume: no spatial_step_*.pt in {cfg.out_dir}, starting from {checkpoint}")
     model = torch.nn.parallel.DistributedDataParallel(
@@ -533,12 +526,10 @@ def train(cfg, checkpoint, rank=0, world_size=1, device=torch.device("cpu")):
             with open(log_path, "a") as f:
                 f.write(json.dumps(record) + "\n")
         if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < cfg.max_steps:
-            older = training_states(cfg.out_dir)
             save_training_state(os.path.join(cfg.out_dir, f"spatial_step_{step:06d}.pt"), student, optimizer, step,
                                 position, generator, history, cfg, teacher_layer, world_size)
             if rank == 0:
-                for path in older:  # keep the newest only
-                    os.remove(path)
+                train_clip.prune_checkpoints(cfg.out_dir, 1, "spatial_step_*.pt")
     return student.eval(), teacher, teacher_layer, history
 
 

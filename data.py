@@ -374,6 +374,12 @@ def emoji_classes(max_classes: int | None = None, seed: int = 0) -> list[tuple[s
     return picks
 
 
+def trained_class_count(train_config: dict, default: int = 100) -> int:
+    """The emoji class count a core was trained on, from the train_config train_clip.py stores in its
+    checkpoints (pe_model.checkpoint_train_config); `default` (train_clip.py's) for any other checkpoint."""
+    return int(train_config.get("num_classes", default)) if train_config.get("data") == "emoji" else default
+
+
 def emoji_class_subset(num_classes: int, pool: int, seed: int = 0) -> list[tuple[str, str]]:
     """num_classes of the classes of emoji_classes(pool, seed), spread evenly over them (so over the topics
     too). The embedded videos take their subjects from here, with pool = the class count the core was trained

@@ -157,7 +157,7 @@ def resolve_defaults(cfg, model, checkpoint_path):
     if trained.get("data") != "emoji":
         trained = {}
     if not cfg.num_classes:
-        cfg.num_classes = int(trained.get("num_classes", 100))
+        cfg.num_classes = data.trained_class_count(trained)
     if not cfg.image_size:
         stages = trained.get("resolution_stages")
         # the last "fraction:resolution" stage: where train_clip.py trained last and evaluated

@@ -802,9 +802,10 @@ def parse_config(config, argv=None):
 DEFAULT_CORE_DIR = "out/clip"  # where `python train_clip.py` writes with its default settings
 
 
-def latest_checkpoint(out_dir=DEFAULT_CORE_DIR):
-    """The newest checkpoint (*.pt) train_clip.py wrote into out_dir, or None."""
-    paths = [p for p in glob.glob(os.path.join(out_dir, "*.pt")) if os.path.isfile(p)]
+def latest_checkpoint(out_dir=DEFAULT_CORE_DIR, pattern="*.pt"):
+    """The newest checkpoint in out_dir whose name matches `pattern` (default: any that train_clip.py wrote),
+    or None."""
+    paths = [p for p in glob.glob(os.path.join(out_dir, pattern)) if os.path.isfile(p)]
     return max(paths, key=os.path.getmtime) if paths else None
 
 

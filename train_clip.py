@@ -25,7 +25,7 @@ and bad_samples/ (skipped inputs, counted per reason).
 Pieces other stages import: LAMB, param_groups, build_optimizer, lr_at, parse_stages, resolution_at,
 setup_distributed, wrap_for_training, TrainingForward, sample_masks, mask_regularization_loss,
 contrastive_step, zero_shot_classifier, zero_shot_accuracy, rng_state, set_rng_state, gather_per_rank,
-save_training_checkpoint, load_training_checkpoint.
+save_training_checkpoint, load_training_checkpoint, prune_checkpoints.
 """
 
 import dataclasses
@@ -733,8 +733,9 @@ def load_training_checkpoint(path, train_forward, optimizer=None):
     return blob
 
 
-def _prune_checkpoints(out_dir, keep):
-    paths = sorted(glob.glob(os.path.join(out_dir, "step_*.pt")), key=os.path.getmtime)
+def prune_checkpoints(out_dir, keep, pattern="step_*.pt"):
+    """Delete all but the `keep` newest checkpoints in out_dir whose names match `pattern` (call on rank 0)."""
+    paths = sorted(glob.glob(os.path.join(out_dir, pattern)), key=os.path.getmtime)
     for path in paths[: max(0, len(paths) - keep)]:
         os.remove(path)
 
@@ -869,7 +870,7 @@ def train(cfg):
         if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < cfg.max_steps:
             checkpoint(os.path.join(cfg.out_dir, f"step_{step:06d}.pt"))
             if master:
-                _prune_checkpoints(cfg.out_dir, cfg.keep_checkpoints)
+                prune_checkpoints(cfg.out_dir, cfg.keep_checkpoints)
         if cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.max_steps:
             accuracy = evaluate()
             if master:

@@ -77,7 +77,6 @@ Check: python -m pytest -q tests/test_video_engine.py
 """
 
 import dataclasses
-import glob
 import hashlib
 import io
 import json
@@ -706,9 +705,7 @@ def core_classes(cfg, trained):
     """The emoji classes of the finetuning's image pairs, which are also the pool the embedded videos' subjects
     come from: --image_classes, else those of the start checkpoint's training (its train_config), else 100
     (train_clip.py's default)."""
-    if cfg.image_classes:
-        return cfg.image_classes
-    return int(trained.get("num_classes", 100)) if trained.get("data") == "emoji" else 100
+    return cfg.image_classes or data.trained_class_count(trained)
 
 
 def training_resolution(cfg, model, trained):
@@ -776,11 +773,6 @@ def make_loaders(cfg, shard_dir, image_size, image_classes, rank=0, world_size=1
     return video_batches, _epochs(images, image_loader, start[2:])
 
 
-def finetune_checkpoints(out_dir):
-    """The finetuning checkpoints in out_dir (video_finetune_step_NNNNNN.pt, video_finetune.pt), oldest first."""
-    return sorted(glob.glob(os.path.join(out_dir, "video_finetune*.pt")), key=os.path.getmtime)
-
-
 def finetune(cfg, model, shard_dir, device="cpu", rank=0, world_size=1, start_checkpoint="", progress=True):
     """Continue training `model` (a PE-core CLIP) for cfg.steps steps on the engine's shards mixed with
     image-caption pairs; writes out_dir/video_finetune.pt (train_clip's checkpoint format, plus the start
@@ -800,17 +792,17 @@ def finetune(cfg, model, shard_dir, device="cpu", rank=0, world_size=1, start_ch
     optimizer = train_clip.build_optimizer(model, cfg.optimizer, cfg.lr, cfg.betas, cfg.eps, cfg.weight_decay)
     path = os.path.join(cfg.out_dir, "video_finetune.pt")
     step, position = 0, (0, 0, 0, 0)
-    resume_from = finetune_checkpoints(cfg.out_dir)[-1:] if cfg.resume else []
+    resume_from = pe_model.latest_checkpoint(cfg.out_dir, "video_finetune*.pt") if cfg.resume else None
     if resume_from:
-        state = train_clip.load_training_checkpoint(resume_from[0], train_forward, optimizer)
+        state = train_clip.load_training_checkpoint(resume_from, train_forward, optimizer)
         step = int(state["step"])
         positions = state.get("data_position", torch.zeros(world_size, 4, dtype=torch.long)).view(-1, 4)
         if len(positions) != world_size:  # every rank reads its own shards: its position is its own
-            raise SystemExit(f"{resume_from[0]}: written by {len(positions)} process(es); resume it with as many "
+            raise SystemExit(f"{resume_from}: written by {len(positions)} process(es); resume it with as many "
                              f"(now {world_size})")
         position = tuple(int(v) for v in positions[rank])
         if rank == 0:
-            print(f"resuming the finetuning at step {step} from {resume_from[0]}")
+            print(f"resuming the finetuning at step {step} from {resume_from}")
     elif cfg.resume and rank == 0:
         print(f"--resume: no finetuning checkpoint in {cfg.out_dir}, starting from {start_checkpoint or 'the model'}")
     extra = {"train_config": trained, "video_engine_config": dataclasses.asdict(cfg),
@@ -839,14 +831,11 @@ def finetune(cfg, model, shard_dir, device="cpu", rank=0, world_size=1, start_ch
         bar.set_postfix(loss=f"{stats['loss']:.3f}", lr=f"{lr:.1e}")
         bar.update()
         if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < cfg.steps:
-            older = finetune_checkpoints(cfg.out_dir)
             train_clip.save_training_checkpoint(
                 os.path.join(cfg.out_dir, f"video_finetune_step_{step:06d}.pt"), train_forward, optimizer, step,
                 {**extra, "data_position": torch.tensor(train_clip.gather_per_rank(position, world_size))})
-            if rank == 0:  # keep the newest step checkpoint only (and the final one of an earlier run)
-                for old in older:
-                    if old != path:
-                        os.remove(old)
+            if rank == 0:  # the newest step checkpoint only (a final video_finetune.pt is never pruned)
+                train_clip.prune_checkpoints(cfg.out_dir, 1, "video_finetune_step_*.pt")
     bar.close()
     train_clip.save_training_checkpoint(path, train_forward, optimizer, step, {
         **extra, "data_position": torch.tensor(train_clip.gather_per_rank(position, world_size))})  # (ranks, 4)

@@ -2,8 +2,8 @@
 The Perception Encoder (PE) model: vision tower, text tower, CLIP wrapper, tokenizer and preprocessing.
 
 Bolya et al. 2025, "Perception Encoder: The best visual embeddings are not at the output of the network"
-(arXiv 2504.13181). Written from the architecture notes in ../shared/reference/pe_architecture.md and
-checked against the official implementation's outputs (tests/fixtures, 1e-5 in float32 on CPU).
+(arXiv 2504.13181). Written from the paper and the official code's architecture (facebookresearch/
+perception_models, core/vision_encoder/pe.py) and checked against its outputs (tests/fixtures, 1e-5 in float32).
 
     import pe_model
     model = pe_model.build_model("PE-Core-B16-224")                 # random weights
@@ -18,20 +18,16 @@ Parameter names, shapes and state_dict keys are the official ones, so official c
 strict=True and no conversion, and checkpoints written here load into the official code. This file holds
 the model and nothing else: no training code (see train_clip.py and the other stage scripts).
 
-Contents, in order: configs; tokenizer; preprocessing; 2D RoPE; building blocks; vision tower; text tower;
-CLIP; building and loading; last, the helpers every stage script shares (parse_config for --field=value
-options, resolve_checkpoint for the default PE-core checkpoint, checkpoint_train_config for what it was
-trained on).
+Contents, in order: configs; tokenizer and the zero-shot prompt ensemble; preprocessing; building blocks;
+vision tower; text tower; CLIP; building, loading and saving.
 """
 
 import gzip
 import html
+import json
 import math
 import os
-import glob
 import re
-import sys
-import typing
 from dataclasses import asdict, dataclass, fields
 from functools import lru_cache
 from typing import Optional
@@ -99,7 +95,7 @@ def _spatial(patch, size, width, layers, heads, cls=True, ls=None, ratio=4.0):
                     use_cls_token=cls, pool_type="none", use_ln_post=False)
 
 
-# Every released configuration, by its official name (pe_architecture.md §6). Core models are CLIP models
+# Every released configuration, by its official name (the official code's core/vision_encoder/config.py). Core models are CLIP models
 # (vision + text); Lang and Spatial models are vision towers only.
 VISION_CONFIGS = {
     "PE-Core-T16-384": _core(16, 384, 192, 12, 3, 512),
@@ -147,7 +143,7 @@ def model_config(name):
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Tokenizer: OpenAI CLIP's byte-level BPE, which PE uses unchanged (pe_architecture.md §3). The merges file
+# Tokenizer: OpenAI CLIP's byte-level BPE, which PE uses unchanged (the official tokenizer). The merges file
 # ships in assets/ (MIT, see assets/LICENSE-bpe_simple_vocab.txt), so nothing is downloaded.
 
 BPE_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "bpe_simple_vocab_16e6.txt.gz")
@@ -255,8 +251,28 @@ def tokenize(texts, context_length=32):
     return out
 
 
+def format_prompt(template, name):
+    """A prompt from a template: the official benchmark's "{}" format ("a photo of a {}."), ours with {a} (the
+    name with its article: "an apple") and {name}, or a callable name -> text."""
+    if callable(template):
+        return template(name)
+    return template.format(name, a=f"{'an' if name[:1] in 'aeiou' else 'a'} {name}", name=name)
+
+
+@torch.no_grad()
+def zero_shot_classifier(model, class_names, templates, batch_size=256, device="cpu", encode_text=None):
+    """The zero-shot classifier (C, D): per class, the mean of the L2-normalised text embeddings of its name in
+    every template, renormalised (CLIP's prompt ensemble, as the official benchmark). encode_text(tokens) ->
+    normalised features defaults to model.encode_text (a wrapped training model passes its own forward)."""
+    encode_text = encode_text or (lambda tokens: model.encode_text(tokens, normalize=True))
+    tokens = tokenize([format_prompt(t, name) for name in class_names for t in templates], model.context_length)
+    tokens = tokens[:, : max(1, int((tokens != PAD_TOKEN_ID).sum(dim=1).max()))]  # exact: the tower is causal
+    features = torch.cat([encode_text(chunk.to(device)).float() for chunk in tokens.split(batch_size)])
+    return F.normalize(features.view(len(class_names), len(templates), -1).mean(dim=1), dim=-1)
+
+
 # ---------------------------------------------------------------------------------------------------------
-# Preprocessing (pe_architecture.md §5): squash resize (aspect ratio not kept), bilinear, mean = std = 0.5.
+# Preprocessing (the official transforms): squash resize (aspect ratio not kept), bilinear, mean = std = 0.5.
 
 
 def preprocess_image(image, image_size, center_crop=False):
@@ -284,14 +300,6 @@ def sample_frame_indices(total_frames, num_frames=8):
     if total_frames <= 0:
         raise ValueError(f"cannot sample frames from a video with {total_frames} frames")
     return [int(i * total_frames / num_frames) for i in range(num_frames)]
-
-
-# ---------------------------------------------------------------------------------------------------------
-# 2D RoPE (pe_architecture.md §2). Each head dim pair (2i, 2i+1) is rotated by one angle: the first half of
-# the head dims by column index × frequency, the second half by row index × frequency. head_dim / 4
-# frequencies per axis, 10000^(-4j / head_dim). With a class token the grid positions start at 1 and the
-# class token (sequence position 0) gets angle 0, i.e. it is not rotated. The angle table is built by
-# kernels/rope_attention.rope_angles_2d (beside the kernels that consume it), once per forward, so any grid works.
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -406,7 +414,7 @@ class Transformer(nn.Module):
 
 class AttentionPooling(nn.Module):
     """A learned probe attends over all tokens (no residual around the attention), then a residual MLP with
-    ratio 4 whatever the tower's ratio (pe_architecture.md §1, AttentionPooling)."""
+    ratio 4 whatever the tower's ratio (official AttentionPooling)."""
 
     def __init__(self, width, heads, num_probe=1, mlp_ratio=4.0):
         super().__init__()
@@ -421,7 +429,7 @@ class AttentionPooling(nn.Module):
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Vision tower (official `VisionTransformer`, pe_architecture.md §1).
+# Vision tower (official `VisionTransformer`).
 
 
 class VisionTransformer(nn.Module):
@@ -486,11 +494,15 @@ class VisionTransformer(nn.Module):
         grid = F.interpolate(grid, size=(grid_h, grid_w), mode="bilinear", align_corners=False)
         return torch.cat([cls_row, grid.permute(0, 2, 3, 1).reshape(grid_h * grid_w, -1)])
 
-    def embed(self, x):
-        """Images (B, 3, H, W) -> tokens entering block 0 (B, N, W) and the RoPE angles (N, head_dim)."""
+    def embed(self, x, patch_mask=None):
+        """Images (B, 3, H, W) -> tokens entering block 0 (B, N, W) and the RoPE angles (N, head_dim).
+        patch_mask (B, gh*gw) bool: masked patches enter as zero embeddings, exactly as zero pixels would
+        (conv1 has no bias), so a masked patch is its position embedding alone (mask regularization, §2.1)."""
         x = self.conv1(x)  # (B, W, gh, gw); remainder pixels past the last full patch are dropped
         grid_h, grid_w = x.shape[-2:]
         x = x.flatten(2).transpose(1, 2)  # (B, gh*gw, W), row-major
+        if patch_mask is not None:
+            x = x.masked_fill(patch_mask.to(x.device).view(x.shape[0], -1, 1), 0.0)
         if self.use_cls_token:
             x = torch.cat([self.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1), x], dim=1)
         if hasattr(self, "positional_embedding"):
@@ -507,10 +519,10 @@ class VisionTransformer(nn.Module):
             x = x[:, 1:]
         return x
 
-    def forward_features(self, x, norm=False, layer_idx=-1, strip_cls_token=False):
+    def forward_features(self, x, norm=False, layer_idx=-1, strip_cls_token=False, patch_mask=None):
         """Tokens (B, N, W) after block `layer_idx` (0-based; -1 the last, -2 the penultimate, ...).
-        norm applies ln_post; strip_cls_token drops the class token. Official semantics."""
-        x, angles = self.embed(x)
+        norm applies ln_post; strip_cls_token drops the class token (official semantics); patch_mask: embed."""
+        x, angles = self.embed(x, patch_mask)
         x = self.transformer(x, angles, stop_after=(self.layers + layer_idx) % self.layers)
         return self._finish(x, norm, strip_cls_token)
 
@@ -542,7 +554,7 @@ class VisionTransformer(nn.Module):
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Text tower (official `TextTransformer`, pe_architecture.md §3): causal, no RoPE, no LayerScale; pooled at
+# Text tower (official `TextTransformer`): causal, no RoPE, no LayerScale; pooled at
 # the highest token id (the end-of-text token), projected by a raw (W_t, D) matrix.
 
 
@@ -715,18 +727,36 @@ def load_checkpoint(model, source, strict=True, truncate=False, drop_head=False,
     return model
 
 
-def save_checkpoint(obj, path):
-    """torch.save to a temporary file in the same folder, then rename: a crash never leaves a half-written
-    checkpoint under the final name."""
+def atomic_write(path, payload):
+    """Write `payload` (str, bytes, or a function that writes to a binary file) to a temporary file in the same
+    folder, then rename: a crash never leaves a half-written file under the final name."""
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
     temporary = os.path.join(folder, f".{os.path.basename(path)}.tmp{os.getpid()}")
     try:
-        torch.save(obj, temporary)
+        with open(temporary, "wb") as f:
+            payload(f) if callable(payload) else f.write(payload.encode() if isinstance(payload, str) else payload)
         os.replace(temporary, path)
     finally:
         if os.path.exists(temporary):
             os.remove(temporary)
+
+
+def save_checkpoint(obj, path):
+    """torch.save, atomically (atomic_write)."""
+    atomic_write(path, lambda f: torch.save(obj, f))
+
+
+def checkpoint_config(blob, name=None, label="checkpoint"):
+    """The model config of a checkpoint (a path or its loaded dict): the official `name`'s if given (official
+    files store none), else the one our checkpoints store. ValueError naming the file when neither exists."""
+    if name:
+        return model_config(name)
+    blob = read_checkpoint_file(blob) if isinstance(blob, (str, os.PathLike)) else blob
+    if isinstance(blob, dict) and isinstance(blob.get("config"), dict):
+        return blob["config"]
+    raise ValueError(f"{label} stores no model config (an official file?): name the model, e.g. "
+                     "--model=PE-Core-B16-224")
 
 
 def load_model(checkpoint=None, name=None):
@@ -737,98 +767,23 @@ def load_model(checkpoint=None, name=None):
             raise ValueError("give a checkpoint path, a model name, or both")
         return build_model(name)
     blob = read_checkpoint_file(checkpoint) if isinstance(checkpoint, (str, os.PathLike)) else checkpoint
-    config = blob.get("config") if isinstance(blob, dict) and isinstance(blob.get("config"), dict) else None
-    if name is not None:
-        config = model_config(name)
-    if config is None:
-        raise ValueError(f"checkpoint {checkpoint} stores no model config (an official file?): "
-                         f"name the model, e.g. --model=PE-Core-B16-224")
-    model = build_model(config)
+    model = build_model(checkpoint_config(blob, name, f"checkpoint {checkpoint}"))
     return load_checkpoint(model, blob, name=str(checkpoint))
 
 
-# ---------------------------------------------------------------------------------------------------------
-# Shared by the stage scripts (not model code, but the one file they all import): command-line configs and
-# the default PE-core checkpoint. Every config field is overridable as --field=value (a bare --flag sets a
-# bool to True).
+def headless_config(vision_cfg, **changes):
+    """A PE-Lang / PE-Spatial style vision config: the tower's tokens are its output (no ln_post, pooling or
+    projection), as the released Lang and Spatial towers."""
+    return {**vision_cfg, "pool_type": "none", "output_dim": None, "use_ln_post": False, **changes}
 
 
-def _parse_value(text, kind, name):
-    origin = typing.get_origin(kind)
-    if origin is typing.Union:  # Optional[X]
-        if text.lower() in ("none", "null"):
-            return None
-        kind = next(k for k in typing.get_args(kind) if k is not type(None))
-        origin = typing.get_origin(kind)
-    try:
-        if kind is bool:
-            if text.lower() in ("1", "true", "yes", "on"):
-                return True
-            if text.lower() in ("0", "false", "no", "off"):
-                return False
-            raise ValueError(text)
-        if kind in (int, float, str):
-            return kind(text)
-        if origin in (tuple, list):  # comma-separated: --stages=0.25:98,0.75:224 is parsed by the stage itself
-            item = typing.get_args(kind)[0] if typing.get_args(kind) else str
-            values = [_parse_value(v, item, name) for v in text.split(",") if v != ""]
-            return tuple(values) if origin is tuple else values
-    except (ValueError, TypeError):
-        raise SystemExit(f"--{name}={text}: not a valid {getattr(kind, '__name__', kind)}") from None
-    return text
-
-
-def parse_config(config, argv=None):
-    """Override the fields of a config dataclass instance from --field=value arguments; returns it.
-    An unknown option or a malformed value stops with one message naming it."""
-    argv = sys.argv[1:] if argv is None else argv
-    hints = typing.get_type_hints(type(config))
-    names = [f.name for f in fields(config)]
-    for arg in argv:
-        if not arg.startswith("--"):
-            raise SystemExit(f"unexpected argument {arg!r}: options are --field=value")
-        name, has_value, text = arg[2:].partition("=")
-        name = name.replace("-", "_")
-        if name not in names:
-            raise SystemExit(f"unknown option --{name}; the options are: " + " ".join(f"--{n}" for n in names))
-        if not has_value:
-            if hints[name] is not bool:
-                raise SystemExit(f"--{name} needs a value: --{name}=...")
-            text = "true"
-        setattr(config, name, _parse_value(text, hints[name], name))
+def export_tower(tower, path, **extra):
+    """A vision tower alone, as the official PE-Lang / PE-Spatial checkpoints are: its state_dict (official
+    keys) plus its config with drop path off (a training-time regulariser), so that load_model(path) rebuilds
+    it; the config is also written as JSON beside it. `extra` entries (metrics, train config) are stored too."""
+    config = get_config(tower)
+    config["vision_cfg"]["drop_path"] = 0.0
+    state = {k: v.detach().cpu().clone() for k, v in tower.state_dict().items()}
+    save_checkpoint({"model": state, "config": config, **extra}, path)
+    atomic_write(os.path.splitext(path)[0] + ".json", json.dumps(config, indent=2))
     return config
-
-
-DEFAULT_CORE_DIR = "out/clip"  # where `python train_clip.py` writes with its default settings
-
-
-def latest_checkpoint(out_dir=DEFAULT_CORE_DIR, pattern="*.pt"):
-    """The newest checkpoint in out_dir whose name matches `pattern` (default: any that train_clip.py wrote),
-    or None."""
-    paths = [p for p in glob.glob(os.path.join(out_dir, pattern)) if os.path.isfile(p)]
-    return max(paths, key=os.path.getmtime) if paths else None
-
-
-def checkpoint_train_config(path):
-    """The train_config that train_clip.py stored in checkpoint `path` (data, classes, resolution stages, seed),
-    or {} (an official file, a tower export, an unreadable file). Memory-mapped: the weights are not read."""
-    try:
-        blob = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except Exception:  # a legacy (non-zip) file cannot be mapped, and holds no config; nor does a broken one
-        return {}
-    return dict(blob.get("train_config") or {}) if isinstance(blob, dict) else {}
-
-
-def resolve_checkpoint(path=None):
-    """The checkpoint a stage starts from: `path` if given (it must exist), else the newest one that
-    `python train_clip.py` wrote with its default settings; otherwise one message saying how to make one."""
-    if path:
-        if not os.path.isfile(path):
-            raise SystemExit(f"--checkpoint={path}: no such file")
-        return path
-    found = latest_checkpoint()
-    if found is None:
-        raise SystemExit(f"no checkpoint given and none found in {DEFAULT_CORE_DIR}/: run `python train_clip.py` "
-                         "first (a few minutes on CPU), or pass --checkpoint=PATH (ours or an official PE-Core .pt "
-                         "with --model=NAME)")
-    return found

@@ -22,25 +22,19 @@ and final.pt (torch.load(weights_only=True); "model" in the official state_dict 
 pe_model.load_model(path) rebuilds the model), metrics.jsonl (one line per step, plus zero-shot evaluations),
 and bad_samples/ (skipped inputs, counted per reason).
 
-Pieces other stages import: LAMB, param_groups, build_optimizer, lr_at, parse_stages, resolution_at,
-setup_distributed, wrap_for_training, TrainingForward, sample_masks, mask_regularization_loss,
-contrastive_step, zero_shot_classifier, zero_shot_accuracy, rng_state, set_rng_state, gather_per_rank,
-save_training_checkpoint, load_training_checkpoint, prune_checkpoints.
+Then measure it: python evaluate.py --all --checkpoint=out/clip/final.pt (the command is printed at the end).
 """
 
 import dataclasses
 import functools
-import glob
 import json
 import logging
 import math
 import os
-import random
 import time
 import typing
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn as nn
@@ -49,6 +43,7 @@ from tqdm import tqdm
 
 import data
 import pe_model
+import training
 from kernels.contrastive_loss import contrastive_loss
 
 
@@ -95,7 +90,7 @@ class TrainConfig:
     mask_weight: float = 1.0  # weight of the mask-regularization loss next to the contrastive loss
     # run
     seed: int = 0
-    out_dir: str = pe_model.DEFAULT_CORE_DIR  # where checkpoints (*.pt), logs and metrics go (out/clip)
+    out_dir: str = training.DEFAULT_CORE_DIR  # where checkpoints (*.pt), logs and metrics go (out/clip)
     resume: bool = False  # continue from the newest checkpoint in out_dir
     checkpoint_every: int = 250  # steps; 0 = only the final checkpoint
     keep_checkpoints: int = 2  # step checkpoints kept on disk (final.pt is always kept)
@@ -117,39 +112,10 @@ PRESETS = {
 
 def make_config(argv=None):
     """TrainConfig from the command line: the --preset's values first, then every explicit option."""
-    preset = pe_model.parse_config(TrainConfig(), argv).preset  # a first pass reads --preset (and checks every option)
+    preset = training.parse_config(TrainConfig(), argv).preset  # a first pass reads --preset (and checks every option)
     if preset not in PRESETS:
         raise SystemExit(f"--preset={preset}: unknown; the presets are {', '.join(PRESETS)}")
-    return pe_model.parse_config(TrainConfig(preset=preset, **PRESETS[preset]), argv)
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Distributed setup: torchrun's environment variables alone switch it on (as in nanoGPT).
-
-
-def setup_distributed():
-    """(rank, world_size, local_rank, device). Under torchrun (WORLD_SIZE > 1) joins the process group: NCCL
-    with one GPU per process, gloo on CPU. A plain `python` run is rank 0 of 1, on the GPU if there is one."""
-    rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    local_rank = int(os.environ.get("LOCAL_RANK", 0))
-    if torch.cuda.is_available():
-        device = torch.device("cuda", local_rank)
-        torch.cuda.set_device(device)
-    else:
-        device = torch.device("cpu")
-    if world_size > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return rank, world_size, local_rank, device
-
-
-def gather_per_rank(value, world_size):
-    """[value of rank 0, value of rank 1, ...] on every rank (any picklable value; [value] in one process):
-    what a checkpoint needs from every rank when each reads its own data (video_engine, align_spatial)."""
-    if world_size == 1:
-        return [value]
-    gathered = [None] * world_size
-    dist.all_gather_object(gathered, value)
-    return gathered
+    return training.parse_config(TrainConfig(preset=preset, **PRESETS[preset]), argv)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -181,170 +147,37 @@ class TrainingForward(nn.Module):
     """The CLIP model plus the one forward a training step needs, so that DDP / FSDP wrap a module whose
     forward() is the whole step. Images and their masked copies go through the vision tower as one batch.
 
-    forward(images (B,3,H,W) or None, tokens (B,L) or None, masked_images (M,3,H,W) or None,
-            masked_rows (M,): which images the copies are of) ->
+    forward(images (B,3,H,W) or None, tokens (B,L) or None, masked_rows (M,): which images get a masked copy,
+            patch_mask (M, N) bool: the patches each copy hides) ->
     (image_features (B,D) or None, text_features (B,D) or None, logit_scale (the multiplier),
      clean_tokens (M,N,W) or None, masked_tokens (M,N,W) or None): the final ln_post'ed patch tokens of the
-     masked images' originals and of the masked copies, for mask regularization."""
+     masked images' originals and of their masked copies, for mask regularization."""
 
     def __init__(self, model):
         super().__init__()
         self.model = model
 
-    def forward(self, images=None, tokens=None, masked_images=None, masked_rows=None):
+    def forward(self, images=None, tokens=None, masked_rows=None, patch_mask=None):
         image_features = text_features = clean_tokens = masked_tokens = None
         if images is not None:
-            visual = self.model.visual
-            batch = images.shape[0]
-            if masked_images is not None:
-                images = torch.cat([images, masked_images])  # (B + M, 3, H, W)
-            all_tokens = visual.forward_features(images, norm=True)  # (B + M, N(+1), W)
+            visual, batch = self.model.visual, images.shape[0]
+            if masked_rows is not None:
+                copies = images[masked_rows]  # (M, 3, H, W): hidden patches enter as zero embeddings
+                patch_mask = torch.cat([patch_mask.new_zeros(batch, patch_mask.shape[1]), patch_mask])
+                images = torch.cat([images, copies])  # (B + M, 3, H, W)
+            all_tokens = visual.forward_features(images, norm=True, patch_mask=patch_mask)  # (B + M, N(+1), W)
             image_features = F.normalize(visual.pool(all_tokens[:batch]), dim=-1)  # (B, D)
-            if masked_images is not None:
+            if masked_rows is not None:
                 patch_tokens = all_tokens[:, 1:] if visual.use_cls_token else all_tokens  # (B + M, N, W)
-                copies = torch.arange(batch, len(images), device=images.device)
-                clean_tokens, masked_tokens = patch_tokens[masked_rows], patch_tokens[copies]  # (M, N, W) each
+                clean_tokens, masked_tokens = patch_tokens[masked_rows], patch_tokens[batch:]  # (M, N, W) each
         if tokens is not None:
             text_features = self.model.encode_text(tokens, normalize=True)  # (B, D)
         return image_features, text_features, self.model.logit_scale.exp(), clean_tokens, masked_tokens
 
 
-def wrap_for_training(module, device, world_size, fsdp=False):
-    """DDP (default) or FSDP2 (fully_shard: each transformer block, then the rest) around a TrainingForward
-    when world_size > 1; the module itself otherwise. Build the optimizer AFTER this: fully_shard replaces the
-    parameters by sharded DTensors."""
-    if world_size == 1:
-        return module
-    if fsdp:
-        from torch.distributed.device_mesh import init_device_mesh
-        from torch.distributed.fsdp import fully_shard
-
-        mesh = init_device_mesh(device.type, (world_size,))
-        clip = module.model
-        for block in [*clip.visual.transformer.resblocks, *clip.transformer.resblocks]:
-            fully_shard(block, mesh=mesh)
-        # fully_shard cannot shard a 0-dim parameter: the logit scale stays replicated and its gradient is
-        # averaged by hand in contrastive_step
-        fully_shard(module, mesh=mesh, ignored_params={clip.logit_scale})
-        return module
-    return nn.parallel.DistributedDataParallel(module, device_ids=[device.index] if device.type == "cuda" else None)
-
-
 def unwrap(train_forward):
     """The CLIP model inside a (DDP-wrapped) TrainingForward."""
-    return getattr(train_forward, "module", train_forward).model
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Optimizer. §2.1 switches from AdamW to LAMB, which allows a higher learning rate (2e-3 for L at 64K batch).
-# LAMB (You et al. 2020, "Large Batch Optimization for Deep Learning", Algorithm 2) is Adam whose update is
-# rescaled per parameter tensor by the trust ratio ||w|| / ||update||, so every layer moves by about
-# lr x its own norm whatever its gradient scale.
-
-# Parameters that get neither weight decay nor the trust ratio, besides every 0/1-d parameter (biases,
-# LayerNorm weights, LayerScale gammas, the class embedding, the logit scale): the learned position
-# embeddings and the attention-pooling probe. Decaying them towards 0 has no reason; their norm is no
-# meaningful scale for a layer-wise learning rate.
-NO_DECAY_NAMES = ("positional_embedding", "class_embedding", "probe", "logit_scale")
-
-
-def param_groups(model, weight_decay):
-    """Two optimizer groups: weights (decay + trust ratio) and the rest (neither)."""
-    decay, no_decay = [], []
-    for name, param in model.named_parameters():
-        if not param.requires_grad:
-            continue
-        if param.ndim < 2 or name.split(".")[-1] in NO_DECAY_NAMES:
-            no_decay.append(param)
-        else:
-            decay.append(param)
-    return [{"params": decay, "weight_decay": weight_decay, "trust_ratio": True},
-            {"params": no_decay, "weight_decay": 0.0, "trust_ratio": False}]
-
-
-def _norm(tensor):
-    """L2 norm of a whole tensor as a plain tensor (a sharded DTensor's norm is reduced over its shards)."""
-    norm = torch.linalg.vector_norm(tensor)
-    return norm.full_tensor() if hasattr(norm, "full_tensor") else norm
-
-
-class LAMB(torch.optim.Optimizer):
-    """LAMB with bias-corrected Adam moments and decoupled weight decay. For each parameter w with gradient g
-    at step t:
-
-        m = b1 m + (1 - b1) g            v = b2 v + (1 - b2) g^2
-        u = (m / (1 - b1^t)) / (sqrt(v / (1 - b2^t)) + eps) + weight_decay * w
-        r = ||w|| / ||u||  (1 where either norm is 0, or the group has trust_ratio=False)
-        w = w - lr * r * u
-
-    Groups carry "weight_decay" and "trust_ratio" (see param_groups)."""
-
-    def __init__(self, params, lr=2e-3, betas=(0.9, 0.95), eps=1e-6, weight_decay=0.0, trust_ratio=True):
-        if lr < 0 or eps < 0 or weight_decay < 0 or not all(0 <= b < 1 for b in betas):
-            raise ValueError(f"LAMB: invalid lr={lr}, betas={betas}, eps={eps} or weight_decay={weight_decay}")
-        super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay,
-                                      trust_ratio=trust_ratio))
-
-    @torch.no_grad()
-    def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        for group in self.param_groups:
-            beta1, beta2 = group["betas"]
-            for param in group["params"]:
-                if param.grad is None:
-                    continue
-                state = self.state[param]
-                if not state:
-                    state["step"] = torch.tensor(0.0)
-                    state["exp_avg"] = torch.zeros_like(param)
-                    state["exp_avg_sq"] = torch.zeros_like(param)
-                state["step"] += 1
-                step = state["step"].item()
-                exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
-                exp_avg.mul_(beta1).add_(param.grad, alpha=1 - beta1)
-                exp_avg_sq.mul_(beta2).addcmul_(param.grad, param.grad, value=1 - beta2)
-                denominator = (exp_avg_sq / (1 - beta2**step)).sqrt_().add_(group["eps"])
-                update = (exp_avg / (1 - beta1**step)).div_(denominator)
-                if group["weight_decay"]:
-                    update.add_(param, alpha=group["weight_decay"])
-                ratio = 1.0
-                if group["trust_ratio"]:
-                    weight_norm, update_norm = _norm(param), _norm(update)
-                    ratio = torch.where((weight_norm > 0) & (update_norm > 0), weight_norm / update_norm, 1.0)
-                    if hasattr(update, "full_tensor"):  # a DTensor update: scale it by a plain number
-                        ratio = ratio.item()
-                param.sub_(update.mul_(ratio * group["lr"]))
-        return loss
-
-
-def build_optimizer(model, optimizer="lamb", lr=2e-3, betas=(0.9, 0.95), eps=1e-6, weight_decay=0.05):
-    """LAMB or AdamW over param_groups(model, weight_decay) (the same decay exclusions for both)."""
-    groups = param_groups(model, weight_decay)
-    if optimizer == "lamb":
-        return LAMB(groups, lr=lr, betas=betas, eps=eps)
-    if optimizer == "adamw":
-        return torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), eps=eps)
-    raise SystemExit(f"--optimizer={optimizer}: unknown; use lamb or adamw")
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Schedules. Steps count from 0; step s is the (s+1)-th optimizer update.
-
-
-def lr_at(step, max_steps, base_lr, warmup_steps, min_lr=0.0, schedule="cosine"):
-    """Linear warmup from base_lr / warmup_steps to base_lr over warmup_steps, then cosine decay to min_lr at
-    max_steps (or constant)."""
-    if step < warmup_steps:
-        return base_lr * (step + 1) / warmup_steps
-    if schedule == "constant":
-        return base_lr
-    if schedule != "cosine":
-        raise SystemExit(f"--lr_schedule={schedule}: unknown; use cosine or constant")
-    progress = min(1.0, (step - warmup_steps) / max(1, max_steps - warmup_steps))
-    return min_lr + 0.5 * (base_lr - min_lr) * (1 + math.cos(math.pi * progress))
+    return training.unwrap(train_forward).model
 
 
 def parse_stages(stages):
@@ -556,17 +389,6 @@ def sample_masks(batch_size, grid_size, fraction, ratio, step, seed, offset=0):
     return torch.tensor(rows, dtype=torch.long), patch_mask
 
 
-def apply_patch_mask(images, patch_mask, patch_size):
-    """Copies of images (M, 3, H, W) with the pixels of the masked patches (M, gh*gw) set to 0."""
-    count, _, height, width = images.shape
-    grid_h, grid_w = height // patch_size, width // patch_size
-    pixels = patch_mask.view(count, 1, grid_h, 1, grid_w, 1).expand(-1, -1, -1, patch_size, -1, patch_size)
-    pixels = pixels.reshape(count, 1, grid_h * patch_size, grid_w * patch_size)  # (M, 1, gh*p, gw*p)
-    masked = images.clone()
-    masked[:, :, : grid_h * patch_size, : grid_w * patch_size].masked_fill_(pixels.to(images.device), 0.0)
-    return masked
-
-
 def mask_regularization_loss(clean_tokens, masked_tokens, patch_mask):
     """(sum over the masked positions of 1 - cos(masked token, unmasked token), number of masked positions).
     clean_tokens, masked_tokens: (M, N, W) patch tokens of the images and of their masked copies; the clean
@@ -576,32 +398,22 @@ def mask_regularization_loss(clean_tokens, masked_tokens, patch_mask):
     return (1 - similarity)[patch_mask].sum(), patch_mask.sum()
 
 
-def _is_fsdp(train_forward):
-    from torch.distributed.fsdp import FSDPModule
-
-    return isinstance(train_forward, FSDPModule)
-
-
 def contrastive_step(train_forward, optimizer, images, tokens, masking=None, mask_weight=1.0, group=None,
                      autocast=False):
     """One optimizer update: forward, the contrastive loss over the global batch (+ mask regularization),
-    backward, step. masking: (rows, patch_mask, masked_images) of sample_masks / apply_patch_mask, or None.
-    autocast: bf16 autocast of the forward (GPU). Returns the global losses as floats (the same on every rank):
-    {"loss", "clip_loss", "mask_loss"}."""
+    backward, step. masking: (rows, patch_mask) of sample_masks, or None. autocast: bf16 autocast of the
+    forward (GPU). Returns the global losses as floats (the same on every rank): {"loss", "clip_loss",
+    "mask_loss"}."""
     world_size = dist.get_world_size(group) if group is not None else 1
-    rows, patch_mask, masked_images = masking if masking is not None else (None, None, None)
-    if masked_images is not None and len(masked_images) == 0:
-        masked_images = None
-    if masked_images is not None:
-        rows = rows.to(images.device)
+    rows, patch_mask = masking if masking is not None and len(masking[0]) else (None, None)
     with torch.autocast(images.device.type, dtype=torch.bfloat16, enabled=autocast):
         image_features, text_features, logit_scale, clean_tokens, masked_tokens = train_forward(
-            images, tokens, masked_images, rows)
+            images, tokens, None if rows is None else rows.to(images.device), patch_mask)
     clip_loss = contrastive_loss(image_features.float(), text_features.float(), logit_scale.float(), group)
     loss, mask_loss = clip_loss, torch.zeros(())
     if masking is not None:
         total, count = torch.zeros((), device=images.device), torch.zeros((), device=images.device)
-        if masked_images is not None:
+        if rows is not None:
             total, count = mask_regularization_loss(clean_tokens, masked_tokens, patch_mask)
         sums = torch.stack([total.detach().float(), count.float()])
         if group is not None:
@@ -613,7 +425,7 @@ def contrastive_step(train_forward, optimizer, images, tokens, masking=None, mas
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     clip = unwrap(train_forward)
-    if group is not None and _is_fsdp(train_forward):  # the replicated logit scale (see wrap_for_training)
+    if group is not None and training.is_fsdp(train_forward):  # the replicated logit scale (wrap_for_training)
         dist.all_reduce(clip.logit_scale.grad, group=group)
         clip.logit_scale.grad.div_(world_size)
     optimizer.step()
@@ -623,136 +435,32 @@ def contrastive_step(train_forward, optimizer, images, tokens, masking=None, mas
     return {"loss": clip_value + mask_weight * mask_value, "clip_loss": clip_value, "mask_loss": mask_value}
 
 
-# ---------------------------------------------------------------------------------------------------------
-# Zero-shot classification on the held-out split: per class, the mean of the normalised text embeddings of
-# the prompt templates (data.ZERO_SHOT_TEMPLATES), renormalised; an image's class is the most similar one.
-
-
-def _encode(model, images=None, tokens=None):
-    """Normalised features from a CLIP model or a (wrapped) TrainingForward (whose forward an FSDP model
-    needs, to gather its shards)."""
-    if isinstance(model, pe_model.CLIP):
-        return model.encode_image(images, normalize=True) if images is not None else \
-            model.encode_text(tokens, normalize=True)
-    image_features, text_features = model(images, tokens)[:2]
-    return image_features if images is not None else text_features
-
-
 @torch.no_grad()
-def zero_shot_classifier(model, class_names, templates=data.ZERO_SHOT_TEMPLATES, context_length=32, device="cpu",
-                         autocast=False):
-    """(C, D) class embeddings from the prompt ensemble."""
-    prompts = [data.format_template(t, name) for name in class_names for t in templates]
-    tokens = trim_padding(pe_model.tokenize(prompts, context_length)).to(device)
-    with torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=autocast):
-        features = _encode(model, tokens=tokens).float()  # (C * T, D)
-    features = features.view(len(class_names), len(templates), -1).mean(dim=1)  # (C, D)
-    return F.normalize(features, dim=-1)
-
-
-@torch.no_grad()
-def zero_shot_accuracy(model, images, labels, classifier, resolution=None, batch_size=250, autocast=False):
-    """Top-1 accuracy of images (N, 3, H, W) against classifier (C, D); images resized to `resolution` first."""
-    correct = 0
-    device = classifier.device
-    for start in range(0, len(images), batch_size):
-        batch = images[start: start + batch_size].to(device)
-        if resolution is not None and batch.shape[-1] != resolution:
-            batch = F.interpolate(batch, size=(resolution, resolution), mode="bilinear", antialias=True)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
-            features = _encode(model, images=batch).float()  # (b, D)
-        correct += (features @ classifier.T).argmax(dim=1).eq(labels[start: start + batch_size].to(device)).sum()
+def zero_shot_accuracy(train_forward, images, labels, class_names, resolution, batch_size=250, autocast=False):
+    """Held-out zero-shot top-1 (pe_model.zero_shot_classifier's prompt ensemble) during training. Through the
+    training module's forward, which an FSDP model needs to gather its shards (every rank runs it)."""
+    device = next(train_forward.parameters()).device
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
+        classifier = pe_model.zero_shot_classifier(unwrap(train_forward), class_names, data.ZERO_SHOT_TEMPLATES,
+                                                   4096, device, lambda tokens: train_forward(None, tokens)[1])
+        correct = 0
+        for start in range(0, len(images), batch_size):
+            batch = images[start: start + batch_size].to(device)
+            if batch.shape[-1] != resolution:
+                batch = F.interpolate(batch, size=(resolution, resolution), mode="bilinear", antialias=True)
+            features = train_forward(batch)[0].float()  # (b, D)
+            correct += (features @ classifier.float().T).argmax(dim=1).eq(labels[start: start + batch_size].to(device)).sum()
     return float(correct) / max(1, len(images))
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Checkpoints: {"model" (official state_dict layout), "config" (pe_model.get_config), "optimizer", "step",
-# "rng", plus what the caller adds (data position, schedule, train config)}. Written atomically by rank 0;
-# every value is a tensor or plain Python data, so torch.load(weights_only=True) reads it.
-
-
-def rng_state():
-    """The torch, CUDA, Python and NumPy RNG states, as tensors."""
-    numpy_state = np.random.get_state()
-    state = {"torch": torch.get_rng_state(),
-             "python": torch.tensor(random.getstate()[1], dtype=torch.int64),
-             "numpy": torch.from_numpy(numpy_state[1].astype(np.int64)),
-             "numpy_position": torch.tensor(numpy_state[2])}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.stack(torch.cuda.get_rng_state_all())
-    return state
-
-
-def set_rng_state(state):
-    torch.set_rng_state(state["torch"])
-    random.setstate((3, tuple(state["python"].tolist()), None))
-    np.random.set_state(("MT19937", state["numpy"].numpy().astype(np.uint32), int(state["numpy_position"]), 0, 0.0))
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(list(state["cuda"]))
-
-
-def save_training_checkpoint(path, train_forward, optimizer, step, extra=None):
-    """Write a training checkpoint to `path` (atomic: pe_model.save_checkpoint). Call it on every rank: with
-    FSDP the full state is gathered collectively; rank 0 writes."""
-    model = unwrap(train_forward)
-    if _is_fsdp(train_forward):
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
-
-        model_state, optimizer_state = get_state_dict(
-            train_forward, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-        model_state = {k.removeprefix("model."): v for k, v in model_state.items()}
-    else:
-        model_state, optimizer_state = model.state_dict(), optimizer.state_dict()
-    if dist.is_initialized() and dist.get_rank() != 0:
-        return
-    pe_model.save_checkpoint({"model": model_state, "config": pe_model.get_config(model),
-                              "optimizer": optimizer_state, "step": step, "rng": rng_state(), **(extra or {})}, path)
-
-
-def load_training_checkpoint(path, train_forward, optimizer=None):
-    """Restore model weights, optimizer state and RNG states from a training checkpoint; returns the whole
-    checkpoint dict (step, data position, ...). train_forward: a (wrapped) TrainingForward or a CLIP model."""
-    blob = torch.load(path, map_location="cpu", weights_only=True)
-    if not isinstance(blob, dict) or "model" not in blob or "step" not in blob:
-        raise SystemExit(f"{path}: not a training checkpoint of train_clip.py (no 'model' and 'step')")
-    if isinstance(train_forward, nn.Module) and _is_fsdp(train_forward):
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
-
-        set_state_dict(train_forward, optimizer, model_state_dict={f"model.{k}": v for k, v in blob["model"].items()},
-                       optim_state_dict=blob["optimizer"], options=StateDictOptions(full_state_dict=True))
-    else:
-        model = train_forward if isinstance(train_forward, pe_model.CLIP) else unwrap(train_forward)
-        pe_model.load_checkpoint(model, blob["model"], name=path)
-        if optimizer is not None:
-            try:
-                optimizer.load_state_dict(blob["optimizer"])
-            except (ValueError, KeyError) as error:
-                raise SystemExit(f"{path}: its optimizer state does not fit this run's optimizer ({error}); "
-                                 "same --optimizer and model as the run that wrote it?") from None
-    set_rng_state(blob["rng"])
-    return blob
-
-
-def prune_checkpoints(out_dir, keep, pattern="step_*.pt"):
-    """Delete all but the `keep` newest checkpoints in out_dir whose names match `pattern` (call on rank 0)."""
-    paths = sorted(glob.glob(os.path.join(out_dir, pattern)), key=os.path.getmtime)
-    for path in paths[: max(0, len(paths) - keep)]:
-        os.remove(path)
 
 
 # ---------------------------------------------------------------------------------------------------------
 # The training loop
 
 
-def _log(path, record):
-    with open(path, "a") as f:
-        f.write(json.dumps(record) + "\n")
-
-
 def train(cfg):
     """Run the training of `cfg` (from any number of torchrun processes); returns a summary dict: losses
     (this process's run, one per step), final checkpoint path, zero-shot accuracy, bad-sample counts."""
-    rank, world_size, _, device = setup_distributed()
+    rank, world_size, _, device = training.setup_distributed()
     group = dist.group.WORLD if world_size > 1 else None
     master = rank == 0
     if cfg.global_batch % world_size:
@@ -770,18 +478,19 @@ def train(cfg):
         raise SystemExit(f"--resolution_stages={','.join(cfg.resolution_stages)}: every resolution must be a multiple "
                          f"of the patch size {patch_size}")
     model.visual.transformer.grad_checkpointing = model.transformer.grad_checkpointing = cfg.grad_checkpointing
-    train_forward = wrap_for_training(TrainingForward(model.to(device)), device, world_size, cfg.fsdp)
-    optimizer = build_optimizer(model, cfg.optimizer, cfg.lr, cfg.betas, cfg.eps, cfg.weight_decay)
+    train_forward = training.wrap_for_training(TrainingForward(model.to(device)), device, world_size, cfg.fsdp,
+                                               replicated=[model.logit_scale])
+    optimizer = training.build_optimizer(model, cfg.optimizer, cfg.lr, cfg.betas, cfg.eps, cfg.weight_decay)
 
     load_size = cfg.load_size or max(resolution for _, resolution in stages)
     bad_dir = os.path.join(cfg.out_dir, "bad_samples")
-    metrics_path = os.path.join(cfg.out_dir, "metrics.jsonl")
     dataset = build_train_dataset(cfg, load_size, bad_dir)
     step, position = 0, (0, 0)
-    resumed_from = pe_model.latest_checkpoint(cfg.out_dir) if cfg.resume else None
+    resumed_from = training.latest_checkpoint(cfg.out_dir) if cfg.resume else None
     if resumed_from:
-        state = load_training_checkpoint(resumed_from, train_forward, optimizer)
-        step, position = int(state["step"]), tuple(int(v) for v in state["data_position"])
+        state, position = training.load_training_checkpoint(resumed_from, train_forward, model, optimizer, rank,
+                                                            world_size)
+        step = int(state["step"])
         changed = [k for k, v in state.get("train_config", {}).items()
                    if k in ("global_batch", "max_steps", "resolution_stages", "seed", "lr", "optimizer")
                    and v != getattr(cfg, k)]
@@ -789,18 +498,12 @@ def train(cfg):
             print(f"warning: resuming with different {', '.join(changed)}: the loss curve will differ from an "
                   "uninterrupted run")
     if master:
-        os.makedirs(cfg.out_dir, exist_ok=True)
         if cfg.resume and not resumed_from:
             print(f"--resume: no checkpoint in {cfg.out_dir}, starting from scratch")
-        if not resumed_from and pe_model.latest_checkpoint(cfg.out_dir):
+        if not resumed_from and training.latest_checkpoint(cfg.out_dir):
             print(f"note: {cfg.out_dir} holds checkpoints of an earlier run; this run starts from scratch "
                   "(--resume continues the newest)")
-        kept = []  # the metrics of the steps the checkpoint covers; a killed run's later lines are dropped
-        if resumed_from and os.path.exists(metrics_path):
-            with open(metrics_path) as f:
-                kept = [line for line in f if json.loads(line).get("step", 0) <= step]
-        with open(metrics_path, "w") as f:
-            f.writelines(kept)
+    metrics = training.MetricsLog(os.path.join(cfg.out_dir, "metrics.jsonl"), step if resumed_from else None, master)
 
     val_images = val_labels = class_names = None
     if cfg.eval_every > 0:  # the held-out renderings, made once (their rendering does not depend on the epoch)
@@ -812,9 +515,7 @@ def train(cfg):
     def evaluate():
         """Zero-shot top-1 on the held-out split (every rank runs the same forwards: FSDP needs them all)."""
         train_forward.eval()
-        classifier = zero_shot_classifier(train_forward, class_names, context_length=model.context_length,
-                                          device=device, autocast=autocast)
-        accuracy = zero_shot_accuracy(train_forward, val_images, val_labels, classifier, stages[-1][1],
+        accuracy = zero_shot_accuracy(train_forward, val_images, val_labels, class_names, stages[-1][1],
                                       cfg.eval_batch, autocast)
         train_forward.train()
         return accuracy
@@ -824,9 +525,8 @@ def train(cfg):
         return found if found is not None and found.total() else None
 
     def checkpoint(path):
-        save_training_checkpoint(path, train_forward, optimizer, step, {
-            "data_position": torch.tensor(position), "train_config": dataclasses.asdict(cfg),
-            "schedule": {"lr": lr, "resolution": resolution}})
+        training.save_training_checkpoint(path, train_forward, model, optimizer, step, position, 1, {
+            "train_config": dataclasses.asdict(cfg), "schedule": {"lr": lr, "resolution": resolution}})
 
     batches = train_batches(dataset, cfg, position, rank, world_size, load_size, model.context_length, group)
     warmup_steps = round(cfg.warmup_fraction * cfg.max_steps)
@@ -837,18 +537,16 @@ def train(cfg):
     while step < cfg.max_steps:
         images, tokens, next_position = next(batches)
         resolution = resolution_at(step, cfg.max_steps, stages)
-        lr = lr_at(step, cfg.max_steps, cfg.lr, warmup_steps, cfg.min_lr, cfg.lr_schedule)
-        for param_group in optimizer.param_groups:
-            param_group["lr"] = lr
+        lr = training.lr_at(step, cfg.max_steps, cfg.lr, warmup_steps, cfg.min_lr, cfg.lr_schedule)
+        training.set_lr(optimizer, lr)
         tokens = trim_padding(tokens)
         images, tokens = images.to(device, non_blocking=True), tokens.to(device, non_blocking=True)
         if images.shape[-2:] != (resolution, resolution):  # progressive resolution: resize the whole batch
             images = F.interpolate(images, size=(resolution, resolution), mode="bilinear", antialias=True)
         masking = None
         if cfg.mask_fraction > 0 and cfg.mask_ratio > 0:
-            rows, patch_mask = sample_masks(len(images), resolution // patch_size, cfg.mask_fraction,
-                                            cfg.mask_ratio, step, cfg.seed, offset=rank * local_batch)
-            masking = (rows, patch_mask, apply_patch_mask(images[rows.to(device)], patch_mask, patch_size))
+            masking = sample_masks(len(images), resolution // patch_size, cfg.mask_fraction, cfg.mask_ratio, step,
+                                   cfg.seed, offset=rank * local_batch)
         stats = contrastive_step(train_forward, optimizer, images, tokens, masking, cfg.mask_weight, group, autocast)
         if not math.isfinite(stats["loss"]):
             raise SystemExit(f"step {step}: the loss is {stats['loss']} (contrastive {stats['clip_loss']}, mask "
@@ -860,21 +558,19 @@ def train(cfg):
         rate = cfg.global_batch / max(now - last_time, 1e-9)
         images_per_second = rate if images_per_second is None else 0.9 * images_per_second + 0.1 * rate
         last_time = now
-        if master:
-            _log(metrics_path, {"step": step, **stats, "lr": lr, "resolution": resolution,
-                                "logit_scale": unwrap(train_forward).logit_scale.exp().item(),
-                                "images_per_s": round(images_per_second, 1)})
-            bar.set_postfix(loss=f"{stats['loss']:.3f}", lr=f"{lr:.2e}", res=resolution,
-                            img_s=f"{images_per_second:.0f}", refresh=False)
-            bar.update()
+        metrics.log({"step": step, **stats, "lr": lr, "resolution": resolution,
+                     "logit_scale": model.logit_scale.exp().item(), "images_per_s": round(images_per_second, 1)})
+        bar.set_postfix(loss=f"{stats['loss']:.3f}", lr=f"{lr:.2e}", res=resolution,
+                        img_s=f"{images_per_second:.0f}", refresh=False)
+        bar.update()
         if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < cfg.max_steps:
             checkpoint(os.path.join(cfg.out_dir, f"step_{step:06d}.pt"))
             if master:
-                prune_checkpoints(cfg.out_dir, cfg.keep_checkpoints)
+                training.prune_checkpoints(cfg.out_dir, cfg.keep_checkpoints)
         if cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.max_steps:
             accuracy = evaluate()
+            metrics.log({"step": step, "zero_shot_top1": accuracy})
             if master:
-                _log(metrics_path, {"step": step, "zero_shot_top1": accuracy})
                 bad = bad_samples()
                 tqdm.write(f"step {step}: held-out zero-shot top-1 {accuracy:.3f} (chance {1 / cfg.num_classes:.3f})"
                            + (f"; {bad.report()}" if bad else ""))
@@ -885,25 +581,26 @@ def train(cfg):
     if cfg.eval_every:
         accuracy = evaluate()
     bad = bad_samples() if master else None
+    if accuracy is not None:
+        metrics.log({"step": step, "zero_shot_top1": accuracy})
+    if bad:
+        metrics.log({"step": step, "bad_samples": bad.counts})
     if master:
-        if accuracy is not None:
-            _log(metrics_path, {"step": step, "zero_shot_top1": accuracy})
-        if bad:
-            _log(metrics_path, {"step": step, "bad_samples": bad.counts})
         print(f"trained {step} steps ({cfg.preset} recipe, {world_size} process(es), {device.type}); "
               f"final loss {losses[-1] if losses else float('nan'):.4f}"
               + (f"; held-out zero-shot top-1 {accuracy:.3f} over {cfg.num_classes} classes" if accuracy is not None
                  else ""))
         print(bad.report() if bad else "no bad samples")
-        print(f"checkpoint: {final_path}; metrics: {metrics_path}")
+        print(f"checkpoint: {final_path}; metrics: {metrics.path}")
+        if os.path.exists("evaluate.py"):
+            print(f"measure it: python evaluate.py --all --checkpoint={final_path}")
     return {"losses": losses, "checkpoint": final_path, "zero_shot_top1": accuracy, "steps": step,
             "bad_samples": dict(bad.counts) if bad else {}}
 
 
-def main():
+def main(argv=None):
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    cfg = make_config()
-    train(cfg)
+    train(make_config(argv))
     if dist.is_initialized():
         dist.destroy_process_group()
 

@@ -26,6 +26,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import pe_model  # noqa: E402
 import train_clip  # noqa: E402
+import training  # noqa: E402
 
 T16_STAGES = {"vanilla": ("1:224",), "pe": ("0.3:96", "0.3:160", "0.3:224", "0.1:336")}
 
@@ -35,7 +36,7 @@ def time_steps(cfg, batch, warmup, repeats):
     torch.manual_seed(0)
     model = train_clip.build_clip(cfg.model, cfg.use_rope2d, cfg.pool_type)
     train_forward = train_clip.TrainingForward(model)
-    optimizer = train_clip.build_optimizer(model, cfg.optimizer, cfg.lr, cfg.betas, cfg.eps, cfg.weight_decay)
+    optimizer = training.build_optimizer(model, cfg.optimizer, cfg.lr, cfg.betas, cfg.eps, cfg.weight_decay)
     patch = model.visual.patch_size
     tokens = torch.randint(1, 49406, (batch, model.context_length))
     tokens[:, 0], tokens[:, -1] = pe_model.SOT_TOKEN_ID, pe_model.EOT_TOKEN_ID
@@ -47,9 +48,8 @@ def time_steps(cfg, batch, warmup, repeats):
             start = time.perf_counter()
             masking = None
             if cfg.mask_fraction > 0 and cfg.mask_ratio > 0:
-                rows, patch_mask = train_clip.sample_masks(batch, resolution // patch, cfg.mask_fraction,
-                                                           cfg.mask_ratio, step, 0)
-                masking = (rows, patch_mask, train_clip.apply_patch_mask(images[rows], patch_mask, patch))
+                masking = train_clip.sample_masks(batch, resolution // patch, cfg.mask_fraction, cfg.mask_ratio,
+                                                  step, 0)
             train_clip.contrastive_step(train_forward, optimizer, images, tokens, masking, cfg.mask_weight)
             if step >= warmup:
                 timings.append(time.perf_counter() - start)

@@ -1,0 +1,453 @@
+"""
+training.py: the machinery every training stage shares (train_clip.py, video_engine.py, align_lang.py,
+align_spatial.py), written once: --field=value configs, the default PE-core checkpoint, torchrun / DDP /
+FSDP, LAMB and its parameter groups, the warmup + cosine schedule, RNG state, one resumable-checkpoint
+writer and reader, a resumable (epoch, batch) stream, the metrics log and the reports.
+
+Nothing here knows a stage: a stage passes its own config, model, data and checkpoint extras. To copy a
+stage into another project, take it with pe_model.py, data.py, training.py and kernels/.
+"""
+
+import glob
+import json
+import math
+import os
+import random
+import sys
+import typing
+from dataclasses import fields
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+
+import pe_model
+
+# ---------------------------------------------------------------------------------------------------------
+# Configs: every field of a stage's config dataclass is an option, --field=value (a bare --flag sets a bool).
+
+
+def _parse_value(text, kind, name):
+    origin = typing.get_origin(kind)
+    if origin is typing.Union:  # Optional[X]
+        if text.lower() in ("none", "null"):
+            return None
+        kind = next(k for k in typing.get_args(kind) if k is not type(None))
+        origin = typing.get_origin(kind)
+    try:
+        if kind is bool:
+            if text.lower() in ("1", "true", "yes", "on"):
+                return True
+            if text.lower() in ("0", "false", "no", "off"):
+                return False
+            raise ValueError(text)
+        if kind in (int, float, str):
+            return kind(text)
+        if origin in (tuple, list):  # comma-separated: --resolution_stages=0.25:98,0.75:224
+            item = typing.get_args(kind)[0] if typing.get_args(kind) else str
+            values = [_parse_value(v, item, name) for v in text.split(",") if v != ""]
+            return tuple(values) if origin is tuple else values
+    except (ValueError, TypeError):
+        raise SystemExit(f"--{name}={text}: not a valid {getattr(kind, '__name__', kind)}") from None
+    return text
+
+
+def parse_config(config, argv=None):
+    """Override the fields of a config dataclass instance from --field=value arguments; returns it.
+    An unknown option or a malformed value stops with one message naming it."""
+    argv = sys.argv[1:] if argv is None else argv
+    hints = typing.get_type_hints(type(config))
+    names = [f.name for f in fields(config)]
+    for arg in argv:
+        if not arg.startswith("--"):
+            raise SystemExit(f"unexpected argument {arg!r}: options are --field=value")
+        name, has_value, text = arg[2:].partition("=")
+        name = name.replace("-", "_")
+        if name not in names:
+            raise SystemExit(f"unknown option --{name}; the options are: " + " ".join(f"--{n}" for n in names))
+        if not has_value:
+            if hints[name] is not bool:
+                raise SystemExit(f"--{name} needs a value: --{name}=...")
+            text = "true"
+        setattr(config, name, _parse_value(text, hints[name], name))
+    return config
+
+
+def load_plugin(spec, option):
+    """`module:function` (a stage's plug-in option, e.g. --captioner=align_lang:make_captioner) -> the function."""
+    import importlib
+
+    module, _, function = spec.partition(":")
+    try:
+        return getattr(importlib.import_module(module), function)
+    except (ImportError, AttributeError, ValueError) as error:
+        raise SystemExit(f"--{option}={spec}: cannot load module:function ({error})") from None
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The PE-core checkpoint a stage starts from, and what it was trained on.
+
+DEFAULT_CORE_DIR = "out/clip"  # where `python train_clip.py` writes with its default settings
+
+
+def latest_checkpoint(out_dir=DEFAULT_CORE_DIR, pattern="*.pt"):
+    """The newest checkpoint in out_dir whose name matches `pattern`, or None."""
+    paths = [p for p in glob.glob(os.path.join(out_dir, pattern)) if os.path.isfile(p)]
+    return max(paths, key=os.path.getmtime) if paths else None
+
+
+def resolve_checkpoint(path=None):
+    """`path` if given (it must exist), else the newest checkpoint `python train_clip.py` wrote with its
+    default settings; otherwise one message saying how to make one."""
+    if path:
+        if not os.path.isfile(path):
+            raise SystemExit(f"--checkpoint={path}: no such file")
+        return path
+    found = latest_checkpoint()
+    if found is None:
+        raise SystemExit(f"no checkpoint given and none found in {DEFAULT_CORE_DIR}/: run `python train_clip.py` "
+                         "first (a few minutes on CPU), or pass --checkpoint=PATH (ours or an official PE-Core .pt "
+                         "with --model=NAME)")
+    return found
+
+
+def checkpoint_train_config(path):
+    """The train_config train_clip.py stored in checkpoint `path` (data, classes, resolution stages, seed), or
+    {} (an official file, a tower export, an unreadable file). Memory-mapped: the weights are not read."""
+    try:
+        blob = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:  # a legacy (non-zip) file cannot be mapped, and holds no config; nor does a broken one
+        return {}
+    return dict(blob.get("train_config") or {}) if isinstance(blob, dict) else {}
+
+
+def final_resolution(train_config, default):
+    """The last "fraction:resolution" stage of a train_clip.py run: where it trained last and evaluated."""
+    stages = train_config.get("resolution_stages")
+    return int(str(stages[-1]).split(":")[-1]) if stages else default
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Distributed: torchrun's environment variables alone switch it on (as in nanoGPT).
+
+
+def setup_distributed():
+    """(rank, world_size, local_rank, device). Under torchrun (WORLD_SIZE > 1) joins the process group: NCCL
+    with one GPU per process, gloo on CPU. A plain `python` run is rank 0 of 1, on the GPU if there is one."""
+    rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    if torch.cuda.is_available():
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device("cpu")
+    if world_size > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return rank, world_size, local_rank, device
+
+
+def barrier():
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+def gather_per_rank(value, world_size):
+    """[value of rank 0, value of rank 1, ...] on every rank (any picklable value; [value] in one process)."""
+    if world_size == 1:
+        return [value]
+    gathered = [None] * world_size
+    dist.all_gather_object(gathered, value)
+    return gathered
+
+
+def is_fsdp(module):
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(module, FSDPModule)
+
+
+def wrap_for_training(module, device, world_size, fsdp=False, replicated=()):
+    """DDP (default) or FSDP2 around `module` when world_size > 1; the module itself otherwise. FSDP shards
+    every transformer block (any `resblocks`), then the rest; `replicated` parameters (a 0-dim logit scale,
+    which fully_shard cannot shard) stay whole, and their gradients must be averaged by the caller. Build the
+    optimizer AFTER this: fully_shard replaces the parameters by sharded DTensors."""
+    if world_size == 1:
+        return module
+    if fsdp:
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import fully_shard
+
+        mesh = init_device_mesh(device.type, (world_size,))
+        for name, child in module.named_modules():
+            if name.endswith("resblocks"):
+                for block in child:
+                    fully_shard(block, mesh=mesh)
+        fully_shard(module, mesh=mesh, ignored_params=set(replicated))
+        return module
+    return nn.parallel.DistributedDataParallel(module, device_ids=[device.index] if device.type == "cuda" else None)
+
+
+def unwrap(module):
+    """The module inside a DDP wrapper (FSDP2 and plain modules are their own)."""
+    return getattr(module, "module", module)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Optimizer. §2.1 switches from AdamW to LAMB, which allows a higher learning rate (2e-3 for L at 64K batch).
+# LAMB (You et al. 2020, Algorithm 2) is Adam whose update is rescaled per parameter tensor by the trust ratio
+# ||w|| / ||update||, so every layer moves by about lr x its own norm whatever its gradient scale.
+
+# Besides every 0/1-d parameter (biases, norms, LayerScale, class embedding, logit scale), the learned
+# position embeddings and the attention-pooling probe get neither weight decay nor the trust ratio: decaying
+# them towards 0 has no reason, and their norm is no meaningful scale for a layer-wise learning rate.
+NO_DECAY_NAMES = ("positional_embedding", "class_embedding", "probe", "logit_scale")
+
+
+def param_groups(model, weight_decay):
+    """Two optimizer groups: weights (decay + trust ratio) and the rest (neither)."""
+    decay, no_decay = [], []
+    for name, param in model.named_parameters():
+        if param.requires_grad:
+            (no_decay if param.ndim < 2 or name.split(".")[-1] in NO_DECAY_NAMES else decay).append(param)
+    return [{"params": decay, "weight_decay": weight_decay, "trust_ratio": True},
+            {"params": no_decay, "weight_decay": 0.0, "trust_ratio": False}]
+
+
+def _norm(tensor):
+    """L2 norm of a whole tensor as a plain tensor (a sharded DTensor's norm is reduced over its shards)."""
+    norm = torch.linalg.vector_norm(tensor)
+    return norm.full_tensor() if hasattr(norm, "full_tensor") else norm
+
+
+class LAMB(torch.optim.Optimizer):
+    """LAMB with bias-corrected Adam moments and decoupled weight decay. For each parameter w with gradient g
+    at step t:
+
+        m = b1 m + (1 - b1) g            v = b2 v + (1 - b2) g^2
+        u = (m / (1 - b1^t)) / (sqrt(v / (1 - b2^t)) + eps) + weight_decay * w
+        r = ||w|| / ||u||  (1 where either norm is 0, or the group has trust_ratio=False)
+        w = w - lr * r * u
+    """
+
+    def __init__(self, params, lr=2e-3, betas=(0.9, 0.95), eps=1e-6, weight_decay=0.0, trust_ratio=True):
+        if lr < 0 or eps < 0 or weight_decay < 0 or not all(0 <= b < 1 for b in betas):
+            raise ValueError(f"LAMB: invalid lr={lr}, betas={betas}, eps={eps} or weight_decay={weight_decay}")
+        super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay,
+                                      trust_ratio=trust_ratio))
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            beta1, beta2 = group["betas"]
+            for param in group["params"]:
+                if param.grad is None:
+                    continue
+                state = self.state[param]
+                if not state:
+                    state.update(step=torch.tensor(0.0), exp_avg=torch.zeros_like(param),
+                                 exp_avg_sq=torch.zeros_like(param))
+                state["step"] += 1
+                step = state["step"].item()
+                exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
+                exp_avg.mul_(beta1).add_(param.grad, alpha=1 - beta1)
+                exp_avg_sq.mul_(beta2).addcmul_(param.grad, param.grad, value=1 - beta2)
+                denominator = (exp_avg_sq / (1 - beta2**step)).sqrt_().add_(group["eps"])
+                update = (exp_avg / (1 - beta1**step)).div_(denominator)
+                if group["weight_decay"]:
+                    update.add_(param, alpha=group["weight_decay"])
+                ratio = 1.0
+                if group["trust_ratio"]:
+                    weight_norm, update_norm = _norm(param), _norm(update)
+                    ratio = torch.where((weight_norm > 0) & (update_norm > 0), weight_norm / update_norm, 1.0)
+                    if hasattr(update, "full_tensor"):  # a DTensor update: scale it by a plain number
+                        ratio = ratio.item()
+                param.sub_(update.mul_(ratio * group["lr"]))
+        return loss
+
+
+def build_optimizer(model, optimizer="lamb", lr=2e-3, betas=(0.9, 0.95), eps=1e-6, weight_decay=0.05):
+    """LAMB or AdamW over param_groups(model, weight_decay) (the same decay exclusions for both)."""
+    groups = param_groups(model, weight_decay)
+    if optimizer == "lamb":
+        return LAMB(groups, lr=lr, betas=betas, eps=eps)
+    if optimizer == "adamw":
+        return torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), eps=eps)
+    raise SystemExit(f"--optimizer={optimizer}: unknown; use lamb or adamw")
+
+
+def lr_at(step, max_steps, base_lr, warmup_steps, min_lr=0.0, schedule="cosine"):
+    """Steps count from 0. Linear warmup from base_lr / warmup_steps to base_lr over warmup_steps, then cosine
+    decay to min_lr at max_steps (or constant)."""
+    if step < warmup_steps:
+        return base_lr * (step + 1) / warmup_steps
+    if schedule == "constant":
+        return base_lr
+    if schedule != "cosine":
+        raise SystemExit(f"--lr_schedule={schedule}: unknown; use cosine or constant")
+    progress = min(1.0, (step - warmup_steps) / max(1, max_steps - warmup_steps))
+    return min_lr + 0.5 * (base_lr - min_lr) * (1 + math.cos(math.pi * progress))
+
+
+def set_lr(optimizer, lr):
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Resumable checkpoints: {"model" (official state_dict layout), "config" (pe_model.get_config), "optimizer",
+# "step", "rng", "data_position" (one row per rank), plus the stage's extras}. Written atomically by rank 0;
+# every value is a tensor or plain Python data, so torch.load(weights_only=True) reads it.
+
+
+def rng_state():
+    """The torch, CUDA, Python and NumPy RNG states, as tensors."""
+    numpy_state = np.random.get_state()
+    state = {"torch": torch.get_rng_state(), "python": torch.tensor(random.getstate()[1], dtype=torch.int64),
+             "numpy": torch.from_numpy(numpy_state[1].astype(np.int64)),
+             "numpy_position": torch.tensor(numpy_state[2])}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.stack(torch.cuda.get_rng_state_all())
+    return state
+
+
+def set_rng_state(state):
+    torch.set_rng_state(state["torch"])
+    random.setstate((3, tuple(state["python"].tolist()), None))
+    np.random.set_state(("MT19937", state["numpy"].numpy().astype(np.uint32), int(state["numpy_position"]), 0, 0.0))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(list(state["cuda"]))
+
+
+def save_training_checkpoint(path, module, model, optimizer, step, position=(), world_size=1, extra=None):
+    """Write a resumable checkpoint of `model` (the pe_model module inside the possibly wrapped `module`).
+    position: this rank's data position (a tuple of ints); with world_size > 1 every rank's is stored (each
+    rank reads its own data), with world_size=1 one position that every rank shares. Call on every rank: positions are gathered, and with FSDP the full state is gathered
+    collectively; rank 0 writes."""
+    positions = gather_per_rank([int(v) for v in position], world_size)
+    if is_fsdp(module):
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+
+        model_state, optimizer_state = get_state_dict(
+            module, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        model_state = {k.removeprefix("model."): v for k, v in model_state.items()}
+    else:
+        model_state, optimizer_state = model.state_dict(), optimizer.state_dict()
+    if dist.is_initialized() and dist.get_rank() != 0:
+        return
+    pe_model.save_checkpoint({"model": model_state, "config": pe_model.get_config(model), "optimizer": optimizer_state,
+                              "step": step, "rng": rng_state(), "data_position": torch.tensor(positions),
+                              **(extra or {})}, path)
+
+
+def load_training_checkpoint(path, module, model, optimizer=None, rank=0, world_size=1):
+    """Restore weights, optimizer state and RNG states from save_training_checkpoint's file; returns (the whole
+    checkpoint dict, this rank's data position as a tuple). A checkpoint written by another number of
+    processes is refused: every rank's data position is its own."""
+    blob = pe_model.read_checkpoint_file(path)
+    if not isinstance(blob, dict) or "model" not in blob or "step" not in blob:
+        raise SystemExit(f"{path}: not a resumable training checkpoint (no 'model' and 'step')")
+    positions = blob.get("data_position", torch.zeros(1, 0, dtype=torch.long))
+    positions = positions.view(1, -1) if positions.dim() == 1 else positions
+    if len(positions) not in (1, world_size):  # one row: a position that every rank shares (train_clip)
+        raise SystemExit(f"{path}: written by {len(positions)} process(es); resume it with as many (now {world_size})")
+    if is_fsdp(module):
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+
+        set_state_dict(module, optimizer, model_state_dict={f"model.{k}": v for k, v in blob["model"].items()},
+                       optim_state_dict=blob["optimizer"], options=StateDictOptions(full_state_dict=True))
+    else:
+        pe_model.load_checkpoint(model, blob["model"], name=path)
+        if optimizer is not None:
+            try:
+                optimizer.load_state_dict(blob["optimizer"])
+            except (ValueError, KeyError) as error:
+                raise SystemExit(f"{path}: its optimizer state does not fit this run's optimizer ({error}); "
+                                 "same optimizer and model as the run that wrote it?") from None
+    set_rng_state(blob["rng"])
+    return blob, tuple(int(v) for v in positions[rank if len(positions) > 1 else 0])
+
+
+def prune_checkpoints(out_dir, keep, pattern="step_*.pt"):
+    """Delete all but the `keep` newest checkpoints in out_dir whose names match `pattern` (call on rank 0)."""
+    paths = sorted(glob.glob(os.path.join(out_dir, pattern)), key=os.path.getmtime)
+    for path in paths[: max(0, len(paths) - keep)]:
+        os.remove(path)
+
+
+def epochs(set_epoch, make_loader, start, name="data"):
+    """Endless (batch, position after it) epoch after epoch; position = (epoch, loader batches used in it).
+    Every epoch's stream is a function of (seed, epoch), so continuing from a checkpoint's position gives the
+    uninterrupted run's exact stream. make_loader(epoch, skip) -> (loader, skipped): a loader of that epoch
+    without its first `skip` batches (skipped=True), or of the whole epoch, whose first `skip` batches are
+    then read and dropped (tar shards cannot be skipped unread). A None batch (bad samples only, counted by
+    the dataset) is passed over; an epoch without one good batch stops the run."""
+    epoch, skip = start
+    while True:
+        set_epoch(epoch)
+        loader, skipped = make_loader(epoch, skip)
+        got = False
+        for index, batch in enumerate(loader, skip if skipped else 0):
+            got = got or batch is not None
+            if batch is not None and index >= skip:
+                yield batch, (epoch, index + 1)
+        if not got and not skip:
+            raise SystemExit(f"{name}: an epoch gave no usable sample on this rank (see the bad-sample warnings)")
+        epoch, skip = epoch + 1, 0
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Metrics and reports
+
+
+class MetricsLog:
+    """out_dir/metrics.jsonl, one JSON record per line. A resumed run keeps the lines up to its checkpoint's
+    step and drops a killed run's later ones; a fresh run starts an empty file. Rank 0 writes."""
+
+    def __init__(self, path, resumed_step=None, enabled=True):
+        self.path, self.enabled = path, enabled
+        if not enabled:
+            return
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        kept = []
+        if resumed_step is not None and os.path.exists(path):
+            with open(path) as f:
+                kept = [line for line in f if json.loads(line).get("step", 0) <= resumed_step]
+        with open(path, "w") as f:
+            f.writelines(kept)
+
+    def log(self, record):
+        if self.enabled:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+
+
+def json_safe(value):
+    """NaN (a probe with nothing to score) -> null, so a results file is strict JSON."""
+    if isinstance(value, float) and math.isnan(value):
+        return None
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    return value
+
+
+def write_json(path, obj, indent=2):
+    """obj as strict JSON at path, atomically."""
+    pe_model.atomic_write(path, json.dumps(json_safe(obj), indent=indent, ensure_ascii=False))
+
+
+def fmt(value, digits=1):
+    return "n/a" if value is None or (isinstance(value, float) and math.isnan(value)) else \
+        (f"{value:.{digits}f}" if isinstance(value, float) else str(value))
+
+
+def markdown_table(header, rows, digits=1):
+    """A markdown table: header [names], rows [[cells]]; floats shown with `digits` decimals, None as n/a."""
+    lines = ["| " + " | ".join(map(str, header)) + " |", "|" + "---|" * len(header)]
+    return "\n".join(lines + ["| " + " | ".join(fmt(c, digits) for c in row) + " |" for row in rows])

@@ -1,25 +1,18 @@
 """
-The Perception Encoder (PE) model: vision tower, text tower, CLIP wrapper, tokenizer and preprocessing.
-
-Bolya et al. 2025, "Perception Encoder: The best visual embeddings are not at the output of the network"
-(arXiv 2504.13181). Written from the paper and the official code's architecture (facebookresearch/
-perception_models, core/vision_encoder/pe.py) and checked against its outputs (tests/fixtures, 1e-5 in float32).
+The Perception Encoder (PE) model: vision tower, text tower, CLIP, tokenizer, zero-shot prompt ensemble,
+preprocessing, building and loading. Bolya et al. 2025, "Perception Encoder: The best visual embeddings are
+not at the output of the network" (arXiv 2504.13181), written from the paper and the official code's
+architecture (facebookresearch/perception_models, core/vision_encoder/pe.py) and checked against its outputs
+(tests/fixtures, 1e-5 in float32). Parameter names, shapes and state_dict keys are the official ones, so
+official checkpoints load strict with no conversion, and ours load into the official code.
 
     import pe_model
-    model = pe_model.build_model("PE-Core-B16-224")                 # random weights
-    pe_model.load_checkpoint(model, "PE-Core-B16-224.pt")            # an official .pt, strict
+    model = pe_model.CLIP.from_config("PE-Core-B16-224", checkpoint_path="PE-Core-B16-224.pt")  # strict
     image = pe_model.preprocess_image(PIL.Image.open("cat.jpg"), model.visual.image_size)[None]
     text = pe_model.tokenize(["a photo of a cat"], model.context_length)
     image_features, text_features, logit_scale = model(image, text)  # L2-normalised, exp(scale)
     tokens = model.visual.forward_features(image, layer_idx=-3)       # an intermediate layer's tokens
     every_layer = model.visual.forward_all_layers(image)              # all layers, one forward pass
-
-Parameter names, shapes and state_dict keys are the official ones, so official checkpoints load with
-strict=True and no conversion, and checkpoints written here load into the official code. This file holds
-the model and nothing else: no training code (see train_clip.py and the other stage scripts).
-
-Contents, in order: configs; tokenizer and the zero-shot prompt ensemble; preprocessing; building blocks;
-vision tower; text tower; CLIP; building, loading and saving.
 """
 
 import gzip
@@ -85,18 +78,13 @@ def _core(patch, size, width, layers, heads, out, cls=True, ratio=4.0):
     return PEConfig(patch, width, layers, heads, ratio, out, image_size=size, use_cls_token=cls)
 
 
-def _lang(patch, size, width, layers, heads, cls, ratio=4.0):
-    return PEConfig(patch, width, layers, heads, ratio, None, ls_init_value=0.1, image_size=size,
-                    use_cls_token=cls, pool_type="none", use_ln_post=False)
-
-
-def _spatial(patch, size, width, layers, heads, cls=True, ls=None, ratio=4.0):
+def _headless(patch, size, width, layers, heads, cls=True, ls=None, ratio=4.0):  # Lang / Spatial: tokens out
     return PEConfig(patch, width, layers, heads, ratio, None, ls_init_value=ls, image_size=size,
                     use_cls_token=cls, pool_type="none", use_ln_post=False)
 
 
-# Every released configuration, by its official name (the official code's core/vision_encoder/config.py). Core models are CLIP models
-# (vision + text); Lang and Spatial models are vision towers only.
+# Every released configuration, by its official name (official core/vision_encoder/config.py). Core models
+# are CLIP models (vision + text); Lang and Spatial models are vision towers only.
 VISION_CONFIGS = {
     "PE-Core-T16-384": _core(16, 384, 192, 12, 3, 512),
     "PE-Core-S16-384": _core(16, 384, 384, 12, 6, 512),
@@ -104,15 +92,15 @@ VISION_CONFIGS = {
     "PE-Core-L14-336": _core(14, 336, 1024, 24, 16, 1024),
     "PE-Core-G14-448": _core(14, 448, 1536, 50, 16, 1280, cls=False, ratio=G_MLP_RATIO),
     # PE-Lang keeps the first 23 of L's 24 blocks and 47 of G's 50 (the best language layers, §4)
-    "PE-Lang-L14-448": _lang(14, 448, 1024, 23, 16, cls=True),
-    "PE-Lang-G14-448": _lang(14, 448, 1536, 47, 16, cls=False, ratio=G_MLP_RATIO),
-    "PE-Lang-L14-448-Tiling": _lang(14, 448, 1024, 23, 16, cls=True),
-    "PE-Lang-G14-448-Tiling": _lang(14, 448, 1536, 47, 16, cls=False, ratio=G_MLP_RATIO),
-    "PE-Spatial-T16-512": _spatial(16, 512, 192, 12, 3),
-    "PE-Spatial-S16-512": _spatial(16, 512, 384, 12, 6),
-    "PE-Spatial-B16-512": _spatial(16, 512, 768, 12, 12),
-    "PE-Spatial-L14-448": _spatial(14, 448, 1024, 24, 16),
-    "PE-Spatial-G14-448": _spatial(14, 448, 1536, 50, 16, cls=False, ls=0.1, ratio=G_MLP_RATIO),
+    "PE-Lang-L14-448": _headless(14, 448, 1024, 23, 16, cls=True, ls=0.1),
+    "PE-Lang-G14-448": _headless(14, 448, 1536, 47, 16, cls=False, ls=0.1, ratio=G_MLP_RATIO),
+    "PE-Lang-L14-448-Tiling": _headless(14, 448, 1024, 23, 16, cls=True, ls=0.1),
+    "PE-Lang-G14-448-Tiling": _headless(14, 448, 1536, 47, 16, cls=False, ls=0.1, ratio=G_MLP_RATIO),
+    "PE-Spatial-T16-512": _headless(16, 512, 192, 12, 3),
+    "PE-Spatial-S16-512": _headless(16, 512, 384, 12, 6),
+    "PE-Spatial-B16-512": _headless(16, 512, 768, 12, 12),
+    "PE-Spatial-L14-448": _headless(14, 448, 1024, 24, 16),
+    "PE-Spatial-G14-448": _headless(14, 448, 1536, 50, 16, cls=False, ls=0.1, ratio=G_MLP_RATIO),
     # Small configs that train on a CPU in minutes; the defaults of the stage scripts. Same architecture
     # as the released ones (cls token, 2D RoPE, attention pooling), only narrower and shallower.
     "PE-Core-Nano8-64": _core(8, 64, 128, 6, 4, 128),
@@ -148,6 +136,7 @@ def model_config(name):
 
 BPE_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "bpe_simple_vocab_16e6.txt.gz")
 SOT_TOKEN_ID, EOT_TOKEN_ID, PAD_TOKEN_ID = 49406, 49407, 0
+SPECIAL_TOKENS = ("<start_of_text>", "<end_of_text>")  # ids 49406, 49407
 
 
 def _byte_to_unicode():
@@ -174,17 +163,18 @@ class SimpleTokenizer:
         merges = [tuple(line.split()) for line in lines[1 : 49152 - 256 - 2 + 1]]
         symbols = list(self.byte_encoder.values())
         vocab = symbols + [s + "</w>" for s in symbols] + ["".join(m) for m in merges]
-        vocab += ["<|startoftext|>", "<|endoftext|>"]
+        vocab += list(SPECIAL_TOKENS)  # the official (open_clip) names, not OpenAI's <|startoftext|>
         self.encoder = {token: i for i, token in enumerate(vocab)}
         self.decoder = {i: token for token, i in self.encoder.items()}
         self.bpe_ranks = {merge: i for i, merge in enumerate(merges)}
-        self.cache = {"<|startoftext|>": "<|startoftext|>", "<|endoftext|>": "<|endoftext|>"}
+        self.cache = {token: token for token in SPECIAL_TOKENS}
+        # the special tokens (a text containing one encodes it as its id, as the official tokenizer does),
         # contractions, letter runs, single digits, runs of other non-space characters
         self.pattern = regex.compile(
-            r"""<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+""",
+            "|".join(SPECIAL_TOKENS) + r"""|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+""",
             regex.IGNORECASE)
         self.vocab_size = len(vocab)  # 49408
-        assert self.encoder["<|startoftext|>"] == SOT_TOKEN_ID and self.encoder["<|endoftext|>"] == EOT_TOKEN_ID
+        assert [self.encoder[t] for t in SPECIAL_TOKENS] == [SOT_TOKEN_ID, EOT_TOKEN_ID]
 
     @staticmethod
     def clean(text):
@@ -468,14 +458,10 @@ class VisionTransformer(nn.Module):
 
     @classmethod
     def from_config(cls, name, checkpoint_path=None, **load_kwargs):
-        """A named vision tower (any Core, Lang or Spatial name); weights from `checkpoint_path` if given.
-        A Core name gives the Core tower (a full CLIP checkpoint loads into it)."""
-        model = cls(**asdict(VISION_CONFIGS[name])) if name in VISION_CONFIGS else None
-        if model is None:
-            raise ValueError(f"unknown model {name!r}; known: {', '.join(VISION_CONFIGS)}")
-        if checkpoint_path is not None:
-            load_checkpoint(model, checkpoint_path, **load_kwargs)
-        return model
+        """A named vision tower (a Core name gives its tower; a full CLIP checkpoint loads into it); weights
+        from `checkpoint_path` if given."""
+        model = cls(**model_config(name)["vision_cfg"])
+        return load_checkpoint(model, checkpoint_path, **load_kwargs) if checkpoint_path is not None else model
 
     def truncate(self, layer_idx):
         """Keep blocks 0..layer_idx (official semantics; PE-Lang towers are built this way)."""
@@ -513,11 +499,8 @@ class VisionTransformer(nn.Module):
         return self.ln_pre(x), angles
 
     def _finish(self, x, norm, strip_cls_token):
-        if norm:
-            x = self.ln_post(x)
-        if strip_cls_token and self.use_cls_token:
-            x = x[:, 1:]
-        return x
+        x = self.ln_post(x) if norm else x
+        return x[:, 1:] if strip_cls_token and self.use_cls_token else x
 
     def forward_features(self, x, norm=False, layer_idx=-1, strip_cls_token=False, patch_mask=None):
         """Tokens (B, N, W) after block `layer_idx` (0-based; -1 the last, -2 the penultimate, ...).
@@ -603,9 +586,7 @@ class CLIP(TextTransformer):
         if name not in TEXT_CONFIGS:
             raise ValueError(f"{name!r} is not a CLIP model; CLIP models: {', '.join(TEXT_CONFIGS)}")
         model = cls(VISION_CONFIGS[name], TEXT_CONFIGS[name])
-        if checkpoint_path is not None:
-            load_checkpoint(model, checkpoint_path, **load_kwargs)
-        return model
+        return load_checkpoint(model, checkpoint_path, **load_kwargs) if checkpoint_path is not None else model
 
     def encode_image(self, image, normalize=False):
         x = self.visual(image)
@@ -660,6 +641,10 @@ def read_checkpoint_file(path):
     (FileNotFoundError) or not a torch checkpoint (ValueError)."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"checkpoint {path} does not exist")
+    if str(path).endswith(".safetensors"):  # timm's and the hub's format; ours stores its config as metadata
+        with _optional("safetensors.torch", "safetensors").safe_open(path, "pt") as f:
+            state, meta = {k: f.get_tensor(k) for k in f.keys()}, f.metadata() or {}
+        return {"model": state, "config": json.loads(meta["config"])} if "config" in meta else state
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # torch raises several kinds (UnpicklingError, RuntimeError, EOFError, ...)
@@ -683,17 +668,101 @@ def read_state_dict(source):
     return {k.replace("module.", ""): v for k, v in state_dict.items()}
 
 
+def _optional(module, package):  # an optional dependency, or one ImportError saying how to install it
+    try:
+        return __import__(module, fromlist=["_"])
+    except ImportError:
+        raise ImportError(f"this needs {package}: pip install {package}") from None
+
+
+# Vision tower keys as (official, timm) heads, swapped either way (the longest matching head; block keys after
+# `blocks.N.`); open_clip holds timm's tower under `visual.trunk.` and the official text tower under `text.`.
+TIMM_NAMES = [("conv1.", "patch_embed.proj."), ("class_embedding", "cls_token"), ("positional_embedding", "pos_embed"),
+              ("ln_pre.", "norm_pre."), ("ln_post.", "norm."), ("proj", "head.weight"),
+              ("attn_pool.probe", "attn_pool.latent"), ("attn_pool.layernorm.", "attn_pool.norm."),
+              ("attn_pool.attn.out_proj.", "attn_pool.proj."), ("attn_pool.mlp.c_fc.", "attn_pool.mlp.fc1."),
+              ("attn_pool.mlp.c_proj.", "attn_pool.mlp.fc2.")]
+TIMM_BLOCK_NAMES = [("ln_1.", "norm1."), ("ln_2.", "norm2."), ("ls_1.gamma", "gamma_1"), ("ls_2.gamma", "gamma_2"),
+                    ("attn.in_proj_", "attn.qkv."), ("attn.out_proj.", "attn.proj."), ("mlp.c_fc.", "mlp.fc1."),
+                    ("mlp.c_proj.", "mlp.fc2.")]
+TIMM_RESHAPE = {"class_embedding": lambda v: v.reshape(1, 1, -1), "cls_token": lambda v: v.reshape(-1), "proj": torch.t,
+                "positional_embedding": lambda v: v[None], "pos_embed": lambda v: v[0], "head.weight": torch.t}
+
+
+def _swap(key, table, to_timm):
+    heads = [(a, b) if to_timm else (b, a) for a, b in table]
+    a, b = max([h for h in heads if key.startswith(h[0])] or [("", "")], key=lambda h: len(h[0]))
+    return b + key[len(a):]
+
+
+def _timm_vision(sd, to_timm):
+    """A tower's state dict, official -> timm or back; timm's pool has q + kv, its head a bias (zero, dropped)."""
+    out = {"head.bias": sd["proj"].new_zeros(sd["proj"].shape[1])} if to_timm and "proj" in sd else {}
+    for k, v in sd.items():
+        block = re.match(r"(transformer\.resblocks|blocks)\.(\d+)\.(.*)", k)
+        pool = re.fullmatch(r"attn_pool\.(attn\.in_proj_|q\.|kv\.)(weight|bias)", k)
+        if to_timm and pool:
+            out[f"attn_pool.q.{pool[2]}"], out[f"attn_pool.kv.{pool[2]}"] = v.split([len(v) // 3, len(v) * 2 // 3])
+        elif pool and pool[1] == "q.":  # back: q and kv fused again
+            out[f"attn_pool.attn.in_proj_{pool[2]}"] = torch.cat([v, sd.get(f"attn_pool.kv.{pool[2]}", v[:0])])
+        elif (pool and f"attn_pool.q.{pool[2]}" in sd) or (k == "head.bias" and not to_timm and not v.any()):
+            continue
+        elif block:
+            out[f"{'blocks' if to_timm else 'transformer.resblocks'}.{block[2]}."
+                f"{_swap(block[3], TIMM_BLOCK_NAMES, to_timm)}"] = v
+        else:
+            out[_swap(k, TIMM_NAMES, to_timm)] = TIMM_RESHAPE.get(k, lambda t: t)(v)
+    return out
+
+
+def detect_layout(state_dict):
+    """"open_clip" (keys under `visual.trunk.` / `text.`), "timm" (`patch_embed.`, `blocks.`) or "official"."""
+    return ("open_clip" if any(k.startswith(("visual.trunk.", "text.")) for k in state_dict) else
+            "timm" if any(k.startswith(("patch_embed.", "blocks.")) for k in state_dict) else "official")
+
+
+def convert_state_dict(state_dict, to="official"):
+    """A state dict in any layout (detect_layout) -> `to`: "official", "timm" (the vision tower, as
+    timm.create_model("vit_pe_core_tiny_patch16_384") loads it strict) or "open_clip" (open_clip's PE-Core-*)."""
+    if to not in ("official", "timm", "open_clip"):
+        raise ValueError(f"to must be 'official', 'timm' or 'open_clip', not {to!r}")
+    sd, layout = dict(state_dict), detect_layout(state_dict)
+    if layout == "timm":
+        sd = _timm_vision(sd, False)
+    elif layout == "open_clip":
+        trunk = _timm_vision({k[13:]: v for k, v in sd.items() if k.startswith("visual.trunk.")}, False)
+        sd = {**{f"visual.{k}": v for k, v in trunk.items()},
+              **{k[5:] if k.startswith("text.") else k: v for k, v in sd.items() if not k.startswith("visual.trunk.")}}
+    if to == "official":
+        return sd
+    clip = any(k.startswith("visual.") for k in sd)
+    tower = _timm_vision({k[7:]: v for k, v in sd.items() if k.startswith("visual.")} if clip else sd, True)
+    if to == "timm":
+        return tower
+    text = {k if k == "logit_scale" else f"text.{k}": v for k, v in sd.items() if clip and not k.startswith("visual.")}
+    return {**{f"visual.trunk.{k}": v for k, v in tower.items()}, **text}
+
+
 def load_checkpoint(model, source, strict=True, truncate=False, drop_head=False, name=None):
-    """Load official-layout weights into `model`; return the model.
+    """Load weights in any layout (official, timm's `vit_pe_*` tower, open_clip's `PE-Core-*` CLIP; .pt / .pth
+    / .bin / .safetensors; detect_layout) into `model`; return the model.
 
     source: a path or a state dict. A full CLIP checkpoint loads into a bare VisionTransformer (its `visual.`
-    keys are taken). truncate=True drops blocks the model does not have (PE-Lang towers keep the first N
+    keys are taken); a vision-only one into a CLIP loads its vision tower. Other resolutions follow the official
+    code (integer RoPE grid positions, the position embedding resized bilinearly, no antialias); timm rescales
+    RoPE positions to the pretraining grid and resizes bicubically with antialias, so at a non-native size its
+    outputs differ from these. truncate=True drops blocks the model does not have (PE-Lang towers keep the first N
     blocks of a Core checkpoint); drop_head=True drops ln_post / attn_pool / proj weights the model does not
     have (a Core checkpoint into a Lang- or Spatial-style tower). Otherwise any mismatch raises one
     CheckpointMismatchError listing the missing, unexpected and wrongly-shaped keys (the official loader
     silently ignores them). strict=False loads what fits and returns the model all the same."""
     label = name or (str(source) if isinstance(source, (str, os.PathLike)) else "state dict")
     state_dict = read_state_dict(source)
+    layout = detect_layout(state_dict)
+    if isinstance(model, CLIP) and (layout == "timm" or "conv1.weight" in state_dict):  # a vision tower alone
+        load_checkpoint(model.visual, state_dict, strict, truncate, drop_head, label)
+        return model
+    state_dict, label = convert_state_dict(state_dict), f"{label} ({layout} layout)"
     if isinstance(model, VisionTransformer) and any(k.startswith("visual.") for k in state_dict):
         state_dict = {k[len("visual."):]: v for k, v in state_dict.items() if k.startswith("visual.")}
     own = model.state_dict()
@@ -743,8 +812,13 @@ def atomic_write(path, payload):
 
 
 def save_checkpoint(obj, path):
-    """torch.save, atomically (atomic_write)."""
-    atomic_write(path, lambda f: torch.save(obj, f))
+    """torch.save, atomically (atomic_write); a path ending in .safetensors takes a state dict (or our
+    {"model", "config"}) and writes safetensors, the config as metadata (safetensors is then needed)."""
+    if not str(path).endswith(".safetensors"):
+        return atomic_write(path, lambda f: torch.save(obj, f))
+    state = {k: v.detach().cpu().contiguous().clone() for k, v in read_state_dict(obj).items()}  # unshared
+    meta = {"config": json.dumps(obj["config"])} if isinstance(obj.get("config"), dict) else None
+    atomic_write(path, _optional("safetensors.torch", "safetensors").save(state, meta))
 
 
 def checkpoint_config(blob, name=None, label="checkpoint"):
@@ -767,8 +841,28 @@ def load_model(checkpoint=None, name=None):
             raise ValueError("give a checkpoint path, a model name, or both")
         return build_model(name)
     blob = read_checkpoint_file(checkpoint) if isinstance(checkpoint, (str, os.PathLike)) else checkpoint
+    if name is None and not (isinstance(blob, dict) and isinstance(blob.get("config"), dict)):
+        name = official_name(str(checkpoint)) if isinstance(checkpoint, (str, os.PathLike)) else None
     model = build_model(checkpoint_config(blob, name, f"checkpoint {checkpoint}"))
     return load_checkpoint(model, blob, name=str(checkpoint))
+
+
+def official_name(text):
+    """The longest official config name in `text` (a file name, a repo, a hub cache path), or None."""
+    return max([n for n in VISION_CONFIGS if n in text] or [None], key=lambda n: len(n or ""))
+
+
+def hub_download(name, **hub_kwargs):
+    """A hub file's local path via huggingface_hub's cache (HF_HUB_OFFLINE, HF_HOME; cache_dir, local_files_only,
+    revision...): facebook/<name>/<name>.pt for an official name (as the official code), or OWNER/REPO[/FILE]."""
+    parts = (name if "/" in name else f"facebook/{name}").split("/")
+    return _optional("huggingface_hub", "huggingface_hub").hf_hub_download(
+        "/".join(parts[:2]), "/".join(parts[2:]) or f"{parts[1]}.pt", **hub_kwargs)
+
+
+def from_pretrained(name, **hub_kwargs):
+    """A model from the hub by its official name ("PE-Core-L14-336") or "REPO[/FILE]" (hub_download)."""
+    return load_model(path := hub_download(name, **hub_kwargs), official_name(name) or official_name(path))
 
 
 def headless_config(vision_cfg, **changes):

@@ -484,6 +484,8 @@ def train(cfg):
 
     load_size = cfg.load_size or max(resolution for _, resolution in stages)
     bad_dir = os.path.join(cfg.out_dir, "bad_samples")
+    if not (cfg.resume and training.latest_checkpoint(cfg.out_dir)):
+        data.BadSamples.reset(bad_dir)  # a fresh run counts its own bad samples, not an earlier run's
     dataset = build_train_dataset(cfg, load_size, bad_dir)
     step, position = 0, (0, 0)
     resumed_from = training.latest_checkpoint(cfg.out_dir) if cfg.resume else None

@@ -1,14 +1,12 @@
 """
-training.py: the machinery every training stage shares (train_clip.py, video_engine.py, align_lang.py,
-align_spatial.py), written once: --field=value configs, the default PE-core checkpoint, torchrun / DDP /
-FSDP, LAMB and its parameter groups, the warmup + cosine schedule, RNG state, one resumable-checkpoint
-writer and reader, a resumable (epoch, batch) stream, the metrics log and the reports.
-
-Nothing here knows a stage: a stage passes its own config, model, data and checkpoint extras. To copy a
-stage into another project, take it with pe_model.py, data.py, training.py and kernels/.
+training.py: the machinery every training stage shares, written once: --field=value configs, the default
+PE-core checkpoint, torchrun / DDP / FSDP, LAMB, the warmup + cosine schedule, RNG state, the resumable
+checkpoint, the resumable (epoch, batch) stream, the metrics log and the reports. Nothing here knows a
+stage; to copy a stage into another project, take it with pe_model.py, data.py, training.py and kernels/.
 """
 
 import glob
+import importlib
 import json
 import math
 import os
@@ -37,11 +35,9 @@ def _parse_value(text, kind, name):
         origin = typing.get_origin(kind)
     try:
         if kind is bool:
-            if text.lower() in ("1", "true", "yes", "on"):
-                return True
-            if text.lower() in ("0", "false", "no", "off"):
-                return False
-            raise ValueError(text)
+            if text.lower() not in ("1", "true", "yes", "on", "0", "false", "no", "off"):
+                raise ValueError(text)
+            return text.lower() in ("1", "true", "yes", "on")
         if kind in (int, float, str):
             return kind(text)
         if origin in (tuple, list):  # comma-separated: --resolution_stages=0.25:98,0.75:224
@@ -75,9 +71,7 @@ def parse_config(config, argv=None):
 
 
 def load_plugin(spec, option):
-    """`module:function` (a stage's plug-in option, e.g. --captioner=align_lang:make_captioner) -> the function."""
-    import importlib
-
+    """`module:function` (a plug-in option, e.g. --captioner=align_lang:make_captioner) -> the function."""
     module, _, function = spec.partition(":")
     try:
         return getattr(importlib.import_module(module), function)
@@ -99,16 +93,21 @@ def latest_checkpoint(out_dir=DEFAULT_CORE_DIR, pattern="*.pt"):
 
 def resolve_checkpoint(path=None):
     """`path` if given (it must exist), else the newest checkpoint `python train_clip.py` wrote with its
-    default settings; otherwise one message saying how to make one."""
+    default settings; otherwise one message saying how to make one. hf:REPO[/FILE] or an official name
+    (PE-Core-T16-384) is the file from the Hugging Face hub (pe_model.hub_download, its cache and environment)."""
+    if path and (path.startswith("hf:") or path in pe_model.VISION_CONFIGS) and not os.path.isfile(path):
+        try:
+            return pe_model.hub_download(path.removeprefix("hf:"))
+        except Exception as error:  # no huggingface_hub, offline without the file, no such repo
+            raise SystemExit(f"--checkpoint={path}: {str(error).splitlines()[0]}") from error
     if path:
         if not os.path.isfile(path):
             raise SystemExit(f"--checkpoint={path}: no such file")
         return path
     found = latest_checkpoint()
     if found is None:
-        raise SystemExit(f"no checkpoint given and none found in {DEFAULT_CORE_DIR}/: run `python train_clip.py` "
-                         "first (a few minutes on CPU), or pass --checkpoint=PATH (ours or an official PE-Core .pt "
-                         "with --model=NAME)")
+        raise SystemExit(f"no checkpoint given and none found in {DEFAULT_CORE_DIR}/: run `python train_clip.py` first "
+                         "(minutes on CPU), or pass --checkpoint=PATH (ours, or an official .pt with --model=NAME)")
     return found
 
 
@@ -137,27 +136,23 @@ def setup_distributed():
     with one GPU per process, gloo on CPU. A plain `python` run is rank 0 of 1, on the GPU if there is one."""
     rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
-    if torch.cuda.is_available():
-        device = torch.device("cuda", local_rank)
+    device = torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
+    if device.type == "cuda":
         torch.cuda.set_device(device)
-    else:
-        device = torch.device("cpu")
     if world_size > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     return rank, world_size, local_rank, device
 
 
 def barrier():
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
+    dist.barrier() if dist.is_available() and dist.is_initialized() else None
 
 
 def gather_per_rank(value, world_size):
     """[value of rank 0, value of rank 1, ...] on every rank (any picklable value; [value] in one process)."""
-    if world_size == 1:
-        return [value]
-    gathered = [None] * world_size
-    dist.all_gather_object(gathered, value)
+    gathered = [value] * world_size
+    if world_size > 1:
+        dist.all_gather_object(gathered, value)
     return gathered
 
 
@@ -238,10 +233,8 @@ class LAMB(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        with torch.enable_grad():
+            loss = closure() if closure is not None else None
         for group in self.param_groups:
             beta1, beta2 = group["betas"]
             for param in group["params"]:
@@ -325,9 +318,9 @@ def set_rng_state(state):
 
 def save_training_checkpoint(path, module, model, optimizer, step, position=(), world_size=1, extra=None):
     """Write a resumable checkpoint of `model` (the pe_model module inside the possibly wrapped `module`).
-    position: this rank's data position (a tuple of ints); with world_size > 1 every rank's is stored (each
-    rank reads its own data), with world_size=1 one position that every rank shares. Call on every rank: positions are gathered, and with FSDP the full state is gathered
-    collectively; rank 0 writes."""
+    position: this rank's data position (ints); with world_size > 1 every rank's row is gathered (each rank
+    reads its own data), with 1 it is one row that all ranks share. Call on every rank (FSDP gathers the full
+    state collectively); rank 0 writes."""
     positions = gather_per_rank([int(v) for v in position], world_size)
     if is_fsdp(module):
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
@@ -337,11 +330,10 @@ def save_training_checkpoint(path, module, model, optimizer, step, position=(), 
         model_state = {k.removeprefix("model."): v for k, v in model_state.items()}
     else:
         model_state, optimizer_state = model.state_dict(), optimizer.state_dict()
-    if dist.is_initialized() and dist.get_rank() != 0:
-        return
-    pe_model.save_checkpoint({"model": model_state, "config": pe_model.get_config(model), "optimizer": optimizer_state,
-                              "step": step, "rng": rng_state(), "data_position": torch.tensor(positions),
-                              **(extra or {})}, path)
+    if not dist.is_initialized() or dist.get_rank() == 0:
+            pe_model.save_checkpoint({"model": model_state, "config": pe_model.get_config(model), "step": step,
+                                  "optimizer": optimizer_state, "rng": rng_state(),
+                                  "data_position": torch.tensor(positions), **(extra or {})}, path)
 
 
 def load_training_checkpoint(path, module, model, optimizer=None, rank=0, world_size=1):
@@ -443,8 +435,9 @@ def write_json(path, obj, indent=2):
 
 
 def fmt(value, digits=1):
-    return "n/a" if value is None or (isinstance(value, float) and math.isnan(value)) else \
-        (f"{value:.{digits}f}" if isinstance(value, float) else str(value))
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "n/a"
+    return f"{value:.{digits}f}" if isinstance(value, float) else str(value)
 
 
 def markdown_table(header, rows, digits=1):

@@ -92,10 +92,10 @@ def chunked_rank_work(image, text, scale):
     image, text, scale = image.detach()[:local], text.detach(), scale.detach().reshape(1)
     if image.is_cuda:
         lse_rows, lse_cols = closs._tile_lse_triton(image, text, scale, 64)
-        closs._tile_weighted_sums_triton(image, text, scale, lse_rows, lse_cols, 64)
+        closs._tile_directions_triton(image, text, scale, lse_rows, lse_cols, 0, 64)
     else:
         lse_rows, lse_cols = closs._tile_lse_reference(image, text, scale, 1024)
-        closs._tile_weighted_sums_reference(image, text, scale, lse_rows, lse_cols, 1024)
+        closs._tile_directions_reference(image, text, scale, lse_rows, lse_cols, 0, 1024)
 
 
 def forward_backward(method, image, text, scale):

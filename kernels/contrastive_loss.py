@@ -1,16 +1,13 @@
-"""
-Chunked all-gather CLIP contrastive loss: memory linear in the global batch.
+"""Chunked all-gather CLIP contrastive loss: memory linear in the global batch.
 
-PE trains its CLIP stage with a global batch of 32K-64K pairs (PE paper, §2.1). The usual loss
+PE trains its CLIP stage with a global batch of 32K-64K pairs (Bolya et al. 2025, §2.1). The usual loss
 builds the B x B logit matrix (or b x B per rank in open_clip's "local loss"); at B = 65,536 that is
-16 GiB of fp32 logits before any gradient. This file computes the same loss, with the same
-gradients, while only one tile of logits exists at a time.
+16 GiB of fp32 logits before any gradient. This file computes the same loss, with the same gradients,
+while only one tile of logits exists at a time (the idea of Inf-CL, Cheng et al. 2024).
 
-The loss
---------
-Image features I (B, d) and text features T (B, d) are L2-normalised; s is the logit scale (the
-multiplier, i.e. the caller passes `logit_scale.exp()`). Logits L_ij = s * I_i . T_j; pair i is the
-positive of row i and of column i. With the row and column log-sum-exps
+The loss. Image features I (B, d) and text features T (B, d) are L2-normalised; s is the logit scale (the
+multiplier: the caller passes `logit_scale.exp()`). Logits L_ij = s * I_i . T_j; pair i is the positive
+of row i and of column i. With the row and column log-sum-exps
 
     r_i = log sum_j exp(L_ij)         (image -> text softmax normaliser)
     c_j = log sum_i exp(L_ij)         (text -> image softmax normaliser)
@@ -19,21 +16,16 @@ the symmetric CLIP loss (mean of the two cross-entropies) is
 
     loss = 1/(2B) * [ sum_i r_i + sum_j c_j - 2 * sum_i L_ii ].
 
-Forward: online log-sum-exp over tiles
---------------------------------------
-r and c are computed tile by tile (tile = a block of rows x a block of columns of L). For each
-row we keep a running maximum m and a running sum l of exp(L - m); when a new tile arrives,
+Forward: r and c tile by tile, with the online log-sum-exp of FlashAttention: per row a running maximum m
+and a running sum l of exp(L - m); for a new tile
 
     m_new = max(m, max_j L_ij),    l = l * exp(m - m_new) + sum_j exp(L_ij - m_new),
 
-and at the end r_i = m + log l. (The same for columns.) Merging two partial log-sum-exps this way
-is exactly logaddexp, which is what the PyTorch reference uses. Only r (B,) and c (B,) are saved.
+and at the end r_i = m + log l (the same for columns). Only r (B,) and c (B,) are saved.
 
-Backward: recompute tiles from the saved log-sum-exps
------------------------------------------------------
-With P_ij = exp(L_ij - r_i) (row softmax) and Q_ij = exp(L_ij - c_j) (column softmax),
-dloss/dL_ij = (P_ij + Q_ij - 2 [i == j]) / (2B). Each tile's P and Q are recomputed from the
-features and the saved r, c, and reduced right away into the probability-weighted sums
+Backward: tiles recomputed from the saved log-sum-exps. With P_ij = exp(L_ij - r_i) (row softmax) and
+Q_ij = exp(L_ij - c_j) (column softmax), dloss/dL_ij = (P_ij + Q_ij - 2 [i == j]) / (2B). Each tile is
+reduced right away into the weighted sums
 
     A_i = sum_j (P_ij + Q_ij) T_j          (B, d)
     C_j = sum_i (P_ij + Q_ij) I_i          (B, d)
@@ -42,43 +34,29 @@ from which, the diagonal (positive-pair) term being added outside the tiles,
 
     dloss/dI_i = s/(2B) * (A_i - 2 T_i)
     dloss/dT_j = s/(2B) * (C_j - 2 I_j)
-    dloss/ds   = 1/(2B) * sum_i I_i . (A_i - 2 T_i)     (= (1/s) sum_i I_i . dloss/dI_i,
-                                                          since L depends on s and I only via s*I)
+    dloss/ds   = 1/(2B) * sum_i I_i . (A_i - 2 T_i)     (L depends on s and I only via s*I)
 
-Why memory is linear in B
--------------------------
-What is stored: the features (B, d), r and c (B,), A and C (B, d), and one tile of logits
-(block x block, a constant). Nothing of size B x B or b x B ever exists, so the global batch is
-limited by the features, not the logits. The price is compute: the backward recomputes the
-logits. The reference does 4 matmul-sized passes over the B x B tiles (1 forward, 3 backward)
-where the naive loss does 3; the Triton kernels, which treat rows and columns in separate launches
-so that no two programs write the same output (no atomics), do 6.
+Memory: the features (B, d), r and c (B,), A and C (B, d) and one tile of logits, nothing of size B x B or
+b x B. The price is compute: the backward recomputes the logits (the reference does 4 matmul-sized passes
+where the naive loss does 3; the Triton kernels, rows and columns in separate launches, do 6).
 
-Distributed
------------
-With `group` set, rank k holds b_k pairs (sizes may differ between ranks). The text features of
-every rank are all-gathered (B, d); each rank then owns the rows of its own images: it computes
-r_i for its rows over all B columns, and a partial c_j over its rows, combined across ranks with
-an all-reduce of (max, sum of exp). In the backward, A_i of its rows is complete locally, while
-its partial C_j over all B texts is reduce-scattered (summed) to the rank that owns text j. Every
-rank therefore does B * b_k of the B^2 tile work.
+Distributed. With `group` set, rank k holds b_k pairs (sizes may differ between ranks). The text
+features of every rank are all-gathered (B, d); each rank owns the rows of its own images: it computes
+r_i for its rows over all B columns, and a partial c_j over its rows, combined across ranks with an
+all-reduce of (max, sum of exp). In the backward, A_i of its rows is complete locally, while its partial
+C_j over all B texts is reduce-scattered (summed) to the rank that owns text j. Every rank does B * b_k
+of the B^2 tile work.
 
-Gradient convention (the one DDP needs): DDP averages parameter gradients over ranks, so each
-rank returns world_size x its slice of the full-batch feature gradients, and world_size x its
-share of the scale gradient (so the average over ranks is the full-batch scale gradient). After
-DDP's averaging the parameter gradients equal those of the single-process full-batch loss. The
-returned loss value is the full global loss on every rank (not multiplied by world_size).
+Gradient convention (the one DDP needs): DDP averages parameter gradients over ranks, so each rank
+returns world_size x its slice of the full-batch feature gradients, and world_size x its share of the
+scale gradient; after DDP's averaging the parameter gradients equal those of the single-process
+full-batch loss. The returned loss is the full global loss on every rank.
 
-Paths
------
-`contrastive_loss_reference`: pure PyTorch, the same tiling and memory bound; the CPU path and
-the readable statement of what the kernels compute. `contrastive_loss_triton`: two Triton
-kernels (tile log-sum-exp, tile weighted sums), fp32 accumulation, any B and d (masked edges),
-fp32/bf16/fp16 inputs. `contrastive_loss`: Triton for CUDA tensors or under TRITON_INTERPRET=1,
-the reference otherwise.
-
-Check it:   python -m pytest -q tests/test_contrastive_loss.py
-Benchmark:  python bench/contrastive_loss.py
+Paths: `contrastive_loss_reference`, pure PyTorch, the same tiling and memory bound (the CPU path and the
+readable statement of what the kernels compute); `contrastive_loss_triton`, two Triton kernels as
+torch.library custom ops (torch.compile traces through them), fp32 accumulation, any B and d, fp32/bf16/fp16
+inputs; `contrastive_loss`, Triton for CUDA tensors or under TRITON_INTERPRET=1, the reference otherwise.
+Tests: python -m pytest -q tests/test_contrastive_loss.py    Benchmark: python bench/contrastive_loss.py
 """
 
 import os
@@ -180,9 +158,9 @@ def _tile_lse_reference(image, text_all, scale, chunk_size):
     return lse_rows, lse_cols
 
 
-def _tile_weighted_sums_reference(image, text_all, scale, lse_rows, lse_cols, chunk_size):
-    """A_i = sum_j (P_ij + Q_ij) T_j for the local rows (b, d) and the partial
-    C_j = sum_{local i} (P_ij + Q_ij) I_i for all columns (B, d), tiles recomputed."""
+def _tile_directions_reference(image, text_all, scale, lse_rows, lse_cols, offset, chunk_size):
+    """A_i - 2 T_i for the local rows (b, d) and the partial C_j = sum_{local i} (P_ij + Q_ij) I_i for all
+    columns (B, d), less 2 I_j on this rank's own columns (from `offset` on), tiles recomputed."""
     image = image.float()
     text_all = text_all.float()
     scaled_image = image * scale
@@ -197,17 +175,22 @@ def _tile_weighted_sums_reference(image, text_all, scale, lse_rows, lse_cols, ch
             weights += logits.sub_(lse_cols[None, cols]).exp_()     # + Q (in place: CPU time)
             row_sums[rows].addmm_(weights, text_all[cols])          # += (chunk, chunk) @ (chunk, d)
             col_sums[cols].addmm_(weights.T, image[rows])
+    row_sums.sub_(text_all[offset: offset + image.shape[0]], alpha=2)    # the positive pairs
+    col_sums[offset: offset + image.shape[0]].sub_(image, alpha=2)
     return row_sums, col_sums
 
 
 # -----------------------------------------------------------------------------
-# The tile computations, Triton. One kernel does "rows against all columns"; each is launched
-# twice with the roles of images and texts swapped (L^T = s T I^T), which gives the columns'
-# quantities without atomics.
+# The tile computations, Triton. One kernel does "rows against columns"; each is launched twice with the
+# roles of images and texts swapped (L^T = s T I^T), which gives the columns' quantities without atomics.
+# Grid: axis 0 the row blocks, axis 1 splits of the columns (as flash-decoding splits the keys), so that a
+# small local batch against a large global one still fills the GPU; the splits' partial log-sum-exps and
+# partial sums are combined afterwards. PRECISION: "tf32x3" for fp32 features (tensor cores,
+# fp32-accurate); 16-bit features take 16-bit tensor-core products, exact in the fp32 accumulator.
 
 @triton.jit
 def _tile_dots(rows_ptr, cols_ptr, row_offsets, col_offsets, row_valid, col_valid, dim, BLOCK: tl.constexpr,
-               BLOCK_D: tl.constexpr, UPCAST_DOT: tl.constexpr):
+               BLOCK_D: tl.constexpr, PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr):
     """rows[i] . cols[j] for one (BLOCK, BLOCK) tile, accumulated in fp32 over BLOCK_D-wide feature slices
     (padded rows, columns and features load as zero)."""
     dots = tl.zeros((BLOCK, BLOCK), tl.float32)
@@ -220,122 +203,186 @@ def _tile_dots(rows_ptr, cols_ptr, row_offsets, col_offsets, row_valid, col_vali
                            mask=col_valid[:, None] & feat_valid[None, :], other=0.0)
         if UPCAST_DOT:
             row_tile, col_tile = row_tile.to(tl.float32), col_tile.to(tl.float32)
-        dots = tl.dot(row_tile, tl.trans(col_tile), dots, input_precision="ieee")
+        dots = tl.dot(row_tile, tl.trans(col_tile), dots, input_precision=PRECISION)
     return dots
 
 
 @triton.jit
-def _lse_kernel(rows_ptr, cols_ptr, scale_ptr, lse_ptr, n_rows, n_cols, dim,
-                BLOCK: tl.constexpr, BLOCK_D: tl.constexpr, UPCAST_DOT: tl.constexpr):
-    """lse[i] = log sum_j exp(s * rows[i] . cols[j]) for one block of rows, online over column blocks."""
+def _weighted_dot(weights, col_tile, acc, PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr):
+    """acc + weights @ col_tile. With 16-bit features the fp32 weights go in as a 16-bit high part plus the
+    16-bit rounding of the remainder (two tensor-core products): one cast would keep 8 bits of each weight
+    (bf16), and where weights of near-duplicate columns cancel, that error would dominate the gradient."""
+    if col_tile.dtype == tl.float32:
+        return tl.dot(weights, col_tile, acc, input_precision=PRECISION)
+    high = weights.to(col_tile.dtype)
+    low = (weights - high.to(tl.float32)).to(col_tile.dtype)
+    if UPCAST_DOT:
+        high, low, col_tile = high.to(tl.float32), low.to(tl.float32), col_tile.to(tl.float32)
+    acc = tl.dot(high, col_tile, acc, input_precision=PRECISION)
+    return tl.dot(low, col_tile, acc, input_precision=PRECISION)
+
+
+@triton.jit
+def _lse_kernel(rows_ptr, cols_ptr, scale_ptr, lse_ptr, n_rows, n_cols, dim, cols_per_split, BLOCK: tl.constexpr,
+                BLOCK_D: tl.constexpr, PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr):
+    """lse[split, i] = log sum_{j in split} exp(s * rows[i] . cols[j]), online over the split's column blocks."""
     rows = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     row_valid = rows < n_rows
     row_offsets = rows.to(tl.int64) * dim
+    col_lo = tl.program_id(1) * cols_per_split
+    col_hi = tl.minimum(col_lo + cols_per_split, n_cols)
     scale = tl.load(scale_ptr)
     running_max = tl.full((BLOCK,), float("-inf"), tl.float32)
     running_sum = tl.zeros((BLOCK,), tl.float32)
-    for col_start in range(0, n_cols, BLOCK):
+    for col_start in range(col_lo, col_hi, BLOCK):
         cols = col_start + tl.arange(0, BLOCK)
-        col_valid = cols < n_cols
-        col_offsets = cols.to(tl.int64) * dim
-        dots = _tile_dots(rows_ptr, cols_ptr, row_offsets, col_offsets, row_valid, col_valid, dim, BLOCK, BLOCK_D,
-                          UPCAST_DOT)
+        col_valid = cols < col_hi
+        dots = _tile_dots(rows_ptr, cols_ptr, row_offsets, cols.to(tl.int64) * dim, row_valid, col_valid, dim,
+                          BLOCK, BLOCK_D, PRECISION, UPCAST_DOT)
         logits = tl.where(col_valid[None, :], scale * dots, float("-inf"))        # (BLOCK, BLOCK)
         new_max = tl.maximum(running_max, tl.max(logits, axis=1))
         running_sum = running_sum * tl.exp(running_max - new_max) \
             + tl.sum(tl.exp(logits - new_max[:, None]), axis=1)
         running_max = new_max
-    tl.store(lse_ptr + rows, running_max + tl.log(running_sum), mask=row_valid)
+    tl.store(lse_ptr + tl.program_id(1) * n_rows + rows, running_max + tl.log(running_sum), mask=row_valid)
 
 
 @triton.jit
-def _weighted_sum_kernel(rows_ptr, cols_ptr, scale_ptr, lse_rows_ptr, lse_cols_ptr, out_ptr,
-                         n_rows, n_cols, dim, BLOCK: tl.constexpr, BLOCK_D: tl.constexpr,
-                         UPCAST_DOT: tl.constexpr):
-    """out[i] = sum_j (exp(L_ij - lse_rows[i]) + exp(L_ij - lse_cols[j])) cols[j], L_ij = s rows[i].cols[j].
+def _direction_kernel(rows_ptr, cols_ptr, scale_ptr, lse_rows_ptr, lse_cols_ptr, out_ptr, n_rows, n_cols, dim,
+                      cols_per_split, diag_offset, BLOCK: tl.constexpr, BLOCK_D: tl.constexpr,
+                      PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr, ONE_SLICE: tl.constexpr):
+    """out[split, i] = sum_{j in split} W_ij cols[j], W_ij = exp(L_ij - lse_rows[i]) + exp(L_ij - lse_cols[j])
+    - 2 [j == i + diag_offset], L_ij = s rows[i] . cols[j].
 
-    out (n_rows, d) is an fp32 buffer of zeros. d can be large (PE-G: 1280), so the (BLOCK, d)
-    accumulator does not fit in registers: each tile's contribution is added to `out` in
-    BLOCK_D-wide slices (load, dot-accumulate, store). Only this program touches these rows."""
+    The positive pair's -2 is subtracted inside the tile, in fp32, where P_ii + Q_ii - 2 is small and exact;
+    added later it would cancel against a rounded P_ii + Q_ii near 2. The (BLOCK, d) sum stays in registers
+    when d fits one BLOCK_D slice (ONE_SLICE); a larger d (PE: 1024-1280) does not fit, and each slice is
+    added to this program's own rows of `out` (zeros) instead, with a barrier that orders the threads' stores
+    before the next tile's loads of the same addresses."""
     rows = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     row_valid = rows < n_rows
     row_offsets = rows.to(tl.int64) * dim
+    col_lo = tl.program_id(1) * cols_per_split
+    col_hi = tl.minimum(col_lo + cols_per_split, n_cols)
+    out_rows = out_ptr + tl.program_id(1).to(tl.int64) * n_rows * dim + row_offsets
     scale = tl.load(scale_ptr)
     lse_rows = tl.load(lse_rows_ptr + rows, mask=row_valid, other=0.0)
-    for col_start in range(0, n_cols, BLOCK):
+    acc = tl.zeros((BLOCK, BLOCK_D), tl.float32)
+    for col_start in range(col_lo, col_hi, BLOCK):
         cols = col_start + tl.arange(0, BLOCK)
-        col_valid = cols < n_cols
+        col_valid = cols < col_hi
         col_offsets = cols.to(tl.int64) * dim
         lse_cols = tl.load(lse_cols_ptr + cols, mask=col_valid, other=0.0)
-        dots = _tile_dots(rows_ptr, cols_ptr, row_offsets, col_offsets, row_valid, col_valid, dim, BLOCK, BLOCK_D,
-                          UPCAST_DOT)
-        logits = scale * dots                                                      # (BLOCK, BLOCK)
-        # (padded rows are never stored; padded columns load zero features, so they add nothing)
+        logits = scale * _tile_dots(rows_ptr, cols_ptr, row_offsets, col_offsets, row_valid, col_valid, dim,
+                                    BLOCK, BLOCK_D, PRECISION, UPCAST_DOT)                # (BLOCK, BLOCK)
+        # padded rows are never stored; padded columns load zero features, so they add nothing
         weights = tl.exp(logits - lse_rows[:, None]) + tl.exp(logits - lse_cols[None, :])
+        weights -= tl.where(cols[None, :] == rows[:, None] + diag_offset, 2.0, 0.0)
         for d_start in range(0, dim, BLOCK_D):
             feats = d_start + tl.arange(0, BLOCK_D)
             feat_valid = feats < dim
             col_tile = tl.load(cols_ptr + col_offsets[:, None] + feats[None, :],
                                mask=col_valid[:, None] & feat_valid[None, :], other=0.0)
-            tile_weights = weights.to(col_tile.dtype)  # 16-bit inputs: 16-bit weights, as flash-attn's P
-            if UPCAST_DOT:
-                tile_weights, col_tile = tile_weights.to(tl.float32), col_tile.to(tl.float32)
-            out_ptrs = out_ptr + row_offsets[:, None] + feats[None, :]
-            out_mask = row_valid[:, None] & feat_valid[None, :]
-            acc = tl.load(out_ptrs, mask=out_mask, other=0.0)                      # (BLOCK, BLOCK_D)
-            acc = tl.dot(tile_weights, col_tile, acc, input_precision="ieee")
-            tl.store(out_ptrs, acc, mask=out_mask)
+            if ONE_SLICE:
+                acc = _weighted_dot(weights, col_tile, acc, PRECISION, UPCAST_DOT)
+            else:
+                out_ptrs = out_rows[:, None] + feats[None, :]
+                out_mask = row_valid[:, None] & feat_valid[None, :]
+                part = _weighted_dot(weights, col_tile, tl.load(out_ptrs, mask=out_mask, other=0.0), PRECISION,
+                                     UPCAST_DOT)
+                tl.store(out_ptrs, part, mask=out_mask)
+                tl.debug_barrier()
+    if ONE_SLICE:
+        feats = tl.arange(0, BLOCK_D)
+        tl.store(out_rows[:, None] + feats[None, :], acc, mask=row_valid[:, None] & (feats < dim)[None, :])
 
 
-def _triton_interpret():
+MAX_BLOCK = 128  # the largest tile the kernels are compiled and checked for (tests/test_contrastive_loss.py)
+
+
+def _triton_interpret():  # the dispatch rule (the kernels themselves follow it from `import triton` on)
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
-def _block_sizes(dim, block_size):
-    block_d = max(16, min(block_size, triton.next_power_of_2(dim)))  # tl.dot needs >= 16
-    return block_size, block_d
+def _kernel_args(dtype, dim, block):
+    """The kernels' constants. UPCAST_DOT: Triton's CPU interpreter multiplies bf16 tiles as raw integers,
+    so under it 16-bit tiles are upcast to fp32 before tl.dot (16-bit products are exact in fp32)."""
+    interpret = _triton_interpret()
+    slice_width = min(block, 32 if dtype == torch.float32 else 64, triton.next_power_of_2(dim))
+    return dict(BLOCK=block, BLOCK_D=max(16, slice_width),  # tl.dot needs >= 16
+                PRECISION="tf32x3" if dtype == torch.float32 and not interpret else "ieee",
+                UPCAST_DOT=interpret and dtype != torch.float32, num_warps=4 if block <= 64 else 8,
+                num_stages=3 if block <= 64 else 2)
 
 
-def _upcast_dot(dtype):
-    """tl.dot on 16-bit tiles multiplies exactly and accumulates in fp32. Triton's CPU interpreter
-    (3.9) multiplies bf16 tiles as raw integers, so under it 16-bit tiles are upcast to fp32 before
-    tl.dot: products of 16-bit floats are exact in fp32, so the result is the same up to the order
-    of summation."""
-    return _triton_interpret() and dtype != torch.float32
+def _column_splits(n_rows, n_cols, block, programs):
+    """(splits, columns per split) for grid axis 1: enough (row block, split) programs to fill `programs`,
+    each split at least one column tile, and at most max(1, n_cols // n_rows) splits, so that the partial
+    results (splits x n_rows) stay within the size of the columns: memory linear in the batch."""
+    row_blocks, col_tiles = triton.cdiv(n_rows, block), triton.cdiv(n_cols, block)
+    splits = max(1, min(triton.cdiv(programs, row_blocks), col_tiles, n_cols // max(n_rows, 1)))
+    tiles_per_split = triton.cdiv(col_tiles, splits)
+    return triton.cdiv(col_tiles, tiles_per_split), tiles_per_split * block
 
 
-def _tile_lse_triton(image, text_all, scale, block_size):
+def _programs(device):
+    """How many programs fill the device: 4 per SM on a GPU."""
+    return 4 * torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" \
+        else 8  # the interpreter: a small grid, so that the tests' batches split their columns
+
+
+def _launch(kernel, grid, *args, **kwargs):
+    kernel[grid](*args, **kwargs)
+
+
+@torch.library.custom_op("pe_kernels::contrastive_lse", mutates_args=())
+def _tile_lse_triton(image: torch.Tensor, text_all: torch.Tensor, scale: torch.Tensor,
+                     block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
     image, text_all = image.contiguous(), text_all.contiguous()
-    (n_image, dim), n_text = image.shape, text_all.shape[0]
-    block, block_d = _block_sizes(dim, block_size)
-    upcast = _upcast_dot(image.dtype)
-    lse_rows = torch.empty(n_image, dtype=torch.float32, device=image.device)
-    lse_cols = torch.empty(n_text, dtype=torch.float32, device=image.device)
-    if n_image > 0:
-        _lse_kernel[(triton.cdiv(n_image, block),)](image, text_all, scale, lse_rows, n_image, n_text,
-                                                   dim, BLOCK=block, BLOCK_D=block_d, UPCAST_DOT=upcast)
-        _lse_kernel[(triton.cdiv(n_text, block),)](text_all, image, scale, lse_cols, n_text, n_image,
-                                                  dim, BLOCK=block, BLOCK_D=block_d, UPCAST_DOT=upcast)
-    else:
-        lse_cols.fill_(float("-inf"))  # no local rows: empty partial sums
-    return lse_rows, lse_cols
+    args = _kernel_args(image.dtype, image.shape[1], block_size)
+    results = []
+    for rows, cols in ((image, text_all), (text_all, image)):  # r over all columns; partial c over local rows
+        if rows.shape[0] == 0 or cols.shape[0] == 0:  # no local rows: empty partial sums
+            results.append(torch.full((rows.shape[0],), float("-inf"), device=rows.device))
+            continue
+        splits, per_split = _column_splits(rows.shape[0], cols.shape[0], block_size, _programs(rows.device))
+        lse = torch.empty(splits, rows.shape[0], dtype=torch.float32, device=rows.device)
+        _launch(_lse_kernel, (triton.cdiv(rows.shape[0], block_size), splits), rows, cols, scale, lse,
+                rows.shape[0], cols.shape[0], rows.shape[1], per_split, **args)
+        results.append(torch.logsumexp(lse, 0) if splits > 1 else lse[0])
+    return results[0], results[1]
 
 
-def _tile_weighted_sums_triton(image, text_all, scale, lse_rows, lse_cols, block_size):
+@_tile_lse_triton.register_fake
+def _(image, text_all, scale, block_size):
+    return image.new_empty(image.shape[0], dtype=torch.float32), image.new_empty(text_all.shape[0], dtype=torch.float32)
+
+
+@torch.library.custom_op("pe_kernels::contrastive_directions", mutates_args=())
+def _tile_directions_triton(image: torch.Tensor, text_all: torch.Tensor, scale: torch.Tensor, lse_rows: torch.Tensor,
+                            lse_cols: torch.Tensor, offset: int, block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
     image, text_all = image.contiguous(), text_all.contiguous()
-    (n_image, dim), n_text = image.shape, text_all.shape[0]
-    block, block_d = _block_sizes(dim, block_size)
-    upcast = _upcast_dot(image.dtype)
-    row_sums = torch.zeros(n_image, dim, dtype=torch.float32, device=image.device)  # A (b, d)
-    col_sums = torch.zeros(n_text, dim, dtype=torch.float32, device=image.device)   # C (B, d)
-    if n_image > 0:
-        _weighted_sum_kernel[(triton.cdiv(n_image, block),)](
-            image, text_all, scale, lse_rows, lse_cols, row_sums, n_image, n_text, dim,
-            BLOCK=block, BLOCK_D=block_d, UPCAST_DOT=upcast)
-        _weighted_sum_kernel[(triton.cdiv(n_text, block),)](
-            text_all, image, scale, lse_cols, lse_rows, col_sums, n_text, n_image, dim,
-            BLOCK=block, BLOCK_D=block_d, UPCAST_DOT=upcast)
-    return row_sums, col_sums
+    dim = image.shape[1]
+    args = _kernel_args(image.dtype, dim, block_size)
+    one_slice = dim <= args["BLOCK_D"]
+    results = []
+    for rows, cols, lse_r, lse_c, diag in ((image, text_all, lse_rows, lse_cols, offset),
+                                           (text_all, image, lse_cols, lse_rows, -offset)):
+        if rows.shape[0] == 0 or cols.shape[0] == 0:
+            results.append(torch.zeros(rows.shape[0], dim, dtype=torch.float32, device=rows.device))
+            continue
+        splits, per_split = _column_splits(rows.shape[0], cols.shape[0], block_size, _programs(rows.device))
+        out = (torch.empty if one_slice else torch.zeros)(splits, rows.shape[0], dim, dtype=torch.float32,
+                                                           device=rows.device)
+        _launch(_direction_kernel, (triton.cdiv(rows.shape[0], block_size), splits), rows, cols, scale, lse_r, lse_c,
+                out, rows.shape[0], cols.shape[0], dim, per_split, diag, ONE_SLICE=one_slice, **args)
+        results.append(out.sum(0) if splits > 1 else out[0])
+    return results[0], results[1]
+
+
+@_tile_directions_triton.register_fake
+def _(image, text_all, scale, lse_rows, lse_cols, offset, block_size):
+    return image.new_empty(image.shape, dtype=torch.float32), text_all.new_empty(text_all.shape, dtype=torch.float32)
 
 
 # -----------------------------------------------------------------------------
@@ -358,8 +405,7 @@ class _GlobalContrastiveLoss(torch.autograd.Function):
         lse_rows, lse_cols_partial = tile_lse(image_features, text_all, scale, tile_size)
         lse_cols = _logsumexp_across_ranks(lse_cols_partial, group)             # (B,)
 
-        positives = scale * torch.vdot(image_features.float().flatten(),
-                                       text_features.float().flatten())             # sum_i L_ii
+        positives = scale * torch.vdot(image_features.float().flatten(), text_features.float().flatten())  # sum L_ii
         local_sums = torch.stack([lse_rows.sum(), positives.reshape(())])
         if world_size > 1:
             dist.all_reduce(local_sums, group=group)
@@ -372,21 +418,20 @@ class _GlobalContrastiveLoss(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_loss):
         image_features, text_features, text_all, logit_scale, lse_rows, lse_cols = ctx.saved_tensors
-        world_size, _ = _group_info(ctx.group)
+        world_size, rank = _group_info(ctx.group)
         scale = logit_scale.detach().float().reshape(1)
 
-        tile_sums = _tile_weighted_sums_triton if ctx.use_triton else _tile_weighted_sums_reference
-        row_sums, col_sums_all = tile_sums(image_features, text_all, scale, lse_rows, lse_cols,
-                                           ctx.tile_size)                        # (b, d), (B, d)
-        col_sums = _reduce_scatter_rows(col_sums_all, ctx.sizes, ctx.group)      # (b, d), summed
+        tile_directions = _tile_directions_triton if ctx.use_triton else _tile_directions_reference
+        image_direction, text_directions = tile_directions(image_features, text_all, scale, lse_rows, lse_cols,
+                                                           sum(ctx.sizes[:rank]), ctx.tile_size)  # (b, d), (B, d)
+        text_direction = _reduce_scatter_rows(text_directions, ctx.sizes, ctx.group)  # (b, d): C_j - 2 I_j
 
         # world_size x (the full-batch gradient): DDP's average over ranks then gives the full one.
         # In-place updates of the (b, d) buffers keep the peak memory down.
         coef = grad_loss.float() * world_size / (2 * sum(ctx.sizes))
-        image_direction = row_sums.sub_(text_features.float(), alpha=2)          # A_i - 2 T_i
         grad_scale = coef * torch.vdot(image_features.float().flatten(), image_direction.flatten())
         grad_image = image_direction.mul_(coef * scale)                           # s (A_i - 2 T_i)
-        grad_text = col_sums.sub_(image_features.float(), alpha=2).mul_(coef * scale)  # s (C_j - 2 I_j)
+        grad_text = text_direction.mul_(coef * scale)                             # s (C_j - 2 I_j)
         return (grad_image.to(image_features.dtype), grad_text.to(text_features.dtype),
                 grad_scale.reshape(logit_scale.shape).to(logit_scale.dtype), None, None, None)
 
@@ -403,8 +448,7 @@ def _check_inputs(image_features, text_features, logit_scale):
                          "e.g. model.logit_scale.exp())")
 
 
-def contrastive_loss_reference(image_features, text_features, logit_scale, group=None,
-                               chunk_size=1024):
+def contrastive_loss_reference(image_features, text_features, logit_scale, group=None, chunk_size=1024):
     """Symmetric CLIP loss over the global batch, pure PyTorch, (chunk_size, chunk_size) tiles.
 
     image_features, text_features: (b, d) L2-normalised features of this rank; logit_scale: the
@@ -412,22 +456,20 @@ def contrastive_loss_reference(image_features, text_features, logit_scale, group
     gather over (None = this process only). Returns the global loss (fp32 scalar); see the module
     docstring for the gradient convention."""
     _check_inputs(image_features, text_features, logit_scale)
-    return _GlobalContrastiveLoss.apply(image_features, text_features, logit_scale, group, False,
-                                        chunk_size)
+    return _GlobalContrastiveLoss.apply(image_features, text_features, logit_scale, group, False, chunk_size)
 
 
 def contrastive_loss_triton(image_features, text_features, logit_scale, group=None, block_size=64):
     """The same loss with the Triton tile kernels (CUDA tensors, or CPU tensors under
-    TRITON_INTERPRET=1). block_size: rows and columns per tile (a power of two >= 16)."""
+    TRITON_INTERPRET=1). block_size: rows and columns per tile, a power of two in [16, MAX_BLOCK]."""
     _check_inputs(image_features, text_features, logit_scale)
+    if not 16 <= block_size <= MAX_BLOCK or block_size & (block_size - 1):
+        raise ValueError(f"contrastive_loss_triton: block_size must be a power of two in [16, {MAX_BLOCK}] "
+                         f"(the tiles the kernels are compiled and checked for), got {block_size}")
     if not (image_features.is_cuda or _triton_interpret()):
         raise RuntimeError("contrastive_loss_triton: needs CUDA tensors, or TRITON_INTERPRET=1 for "
                            "CPU tensors; use contrastive_loss_reference on CPU")
-    if block_size < 16 or block_size & (block_size - 1):
-        raise ValueError(f"contrastive_loss_triton: block_size must be a power of two >= 16, got "
-                         f"{block_size}")
-    return _GlobalContrastiveLoss.apply(image_features, text_features, logit_scale, group, True,
-                                        block_size)
+    return _GlobalContrastiveLoss.apply(image_features, text_features, logit_scale, group, True, block_size)
 
 
 def contrastive_loss(image_features, text_features, logit_scale, group=None):

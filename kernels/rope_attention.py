@@ -1,69 +1,57 @@
 """Fused 2D-RoPE attention: softmax(rot(q) rot(k)^T / sqrt(D)) v in one Triton kernel, forward and backward.
 
-Every block of PE's vision tower rotates q and k with 2D RoPE and then runs attention (pe_architecture.md
-§1-§2). Done separately, the rotation is an extra pass over memory that writes rotated copies of q and k
-and reads them back. Here the rotation happens inside a flash-attention kernel, in registers.
+Every block of PE's vision tower (Bolya et al. 2025, arXiv 2504.13181; official code:
+core/vision_encoder/rope.py and pe.py of facebookresearch/perception_models) rotates q and k with 2D RoPE,
+then runs attention. Done separately, the rotation is an extra pass over memory that writes rotated copies
+of q and k and reads them back; here it happens inside a flash-attention kernel (FlashAttention-2, Dao
+2023), in registers.
 
     rope_attention(q, k, v, angles)            q, k, v (B, H, N, D); angles (N, D) float32 -> (B, H, N, D)
-    rope_attention_reference(q, k, v, angles)  the same in plain PyTorch: rope_apply, then SDPA (CPU path)
-    rope_attention_triton(q, k, v, angles)     the Triton kernels behind an autograd.Function
+    rope_attention_reference(q, k, v, angles)  the same in plain PyTorch: rope_apply, then SDPA
+    rope_attention_triton(q, k, v, angles)     the Triton kernels, as torch.library custom ops with autograd
     rope_apply(x, angles)                      the rotation itself, x (..., N, D) -> same shape and dtype
-    rope_angles_2d(grid_h, grid_w, head_dim, use_cls_token)   the official (N, D) angle table
+    rope_angles_2d(grid_h, grid_w, head_dim, use_cls_token, device=None)   the official (N, D) angle table
 
-`rope_attention` runs the Triton kernels for CUDA tensors and when TRITON_INTERPRET=1 (Triton's CPU
-interpreter, used by the tests), the reference otherwise.
+`rope_attention` runs the Triton kernels for CUDA tensors and under TRITON_INTERPRET=1 (Triton's CPU
+interpreter, used by the tests), the reference otherwise; also, on CUDA, for head dims the kernels do not
+take (warning once) and for float32 (FP32_CUDA_PATH: SDPA's exact float32 kernel, until the tf32x3 tiles
+are measured faster). The custom ops let torch.compile trace a model through them without a graph break.
 Tests: python -m pytest -q tests/test_rope_attention.py    Benchmark: python bench/rope_attention.py
 
-The rotation (official convention, pe_architecture.md §2). Adjacent pairs (2i, 2i+1) share one angle a_i:
+The rotation (the official convention). Adjacent pairs (2i, 2i+1) share one angle a_i:
     out[2i]   = t[2i]   cos a_i - t[2i+1] sin a_i
     out[2i+1] = t[2i+1] cos a_i + t[2i]   sin a_i
 i.e. each pair is the complex number t[2i] + i t[2i+1] multiplied by exp(i a_i). It is computed in float32
 and the result cast back to the input dtype, as the official code does. The first half of D holds column
 angles x f_j, the second half row angles y f_j, f_j = 10000^(-4j/D); a class token has a row of zeros.
 
-Where the rotation happens. The wrapper turns the (N, D) angle table into cos and sin tables of shape
-(N, D/2) (one angle per pair; the kernels read column 2i of `angles`). Each kernel loads a (rows, D) tile
-of q or k, views it as (rows, D/2, 2) and splits it into its even and odd halves, rotates them with the
-matching (rows, D/2) cos/sin tiles in float32, joins them back and casts to the input dtype before the
-tl.dot, so the tensor cores see exactly the operands rotate-then-attend would give them.
+Where the rotation happens. The (N, D) angle table becomes (N, D/2) cos and sin tables (one angle per pair,
+column 2i; cached per table, so one table per grid and device serves every block). Each kernel loads a
+(rows, D) tile of q or k, rotates its even and odd halves in float32 with the matching cos/sin tiles, and
+casts to the input dtype before the tl.dot: the tensor cores see the operands rotate-then-attend would.
   * forward: one program per (query block, batch*head). rot(q) once; the loop over key blocks rotates
-    each k tile, then the usual online softmax (running max m, running sum l, exp2 with log2(e) folded
-    into the scale). Stores O and the log-sum-exp LSE = m + log2(l) (base 2, float32, (B*H, N)).
+    each k tile, then the online softmax (running max m, running sum l, exp2 with log2(e) folded into
+    the scale). Stores O and the log-sum-exp LSE = m + log2(l) (base 2, float32, (B*H, N)).
   * backward, dq kernel: one program per query block; computes Delta = rowsum(dO * O) for its rows and
     stores it, then loops over key blocks recomputing P = exp2(S - LSE) and accumulates
     d rot(q) = scale * dS rot(k), dS = P * (dO v^T - Delta).
   * backward, dk/dv kernel (launched after the dq kernel, reads its Delta): one program per key block,
     loops over query blocks: dv += P^T dO, d rot(k) += scale * dS^T rot(q).
-  * The gradient with respect to the unrotated input is the inverse rotation (angle -a) of the gradient
-    with respect to the rotated one, because the rotation is orthogonal: dq = rot(d rot(q), -angles).
-    It is applied once, in registers, before dq and dk are stored.
-Saved for backward: q, k, v (unrotated, input dtype, the caller's tensors or views: a fused qkv
-projection split into (B, H, N, D) views is read in place through its strides, not copied), O, LSE
-(float32, B*H*N) and the two (N, D/2) float32 cos/sin tables: no rotated copy of q or k is ever kept.
-Angles get no gradient.
-Rows beyond N (N need not be a multiple of the block) are masked on load and store; key columns beyond N
-get score -inf (forward) or probability 0 (backward). A head dim that is not a power of two (96 for
-PE-G) is padded to the next one (BLOCK_D = 128) with masked loads: the padded columns are zero and add
-nothing to any dot product.
+  * The rotation is orthogonal, so the gradient with respect to the unrotated input is the inverse
+    rotation (angle -a) of the gradient with respect to the rotated one: dq = rot(d rot(q), -angles),
+    applied once, in registers, before dq and dk are stored.
+Saved for backward: q, k, v (unrotated, the caller's tensors or strided views of a fused qkv), O, LSE and
+the angle table: no rotated copy. Rows beyond N are masked; key columns beyond N get score -inf (forward)
+or probability 0 (backward). A head dim that is not a power of two (96 for PE-G) is padded with zeros.
 
-Bytes moved (s bytes per element, T = B*H*N*D elements per tensor, ignoring the (N, D) tables and the
-re-reads of q/k/v tiles that any flash kernel does from L2):
-  forward   rotate-then-attend: rope reads q, k and writes rot(q), rot(k) (4 T s), attention reads rot(q),
-            rot(k), v and writes O (4 T s)  -> 8 T s.    fused: reads q, k, v, writes O -> 4 T s.
-  backward  rotate-then-attend: attention reads rot(q), rot(k), v, O, dO and writes d rot(q), d rot(k), dv
-            (8 T s), then the rope backward reads d rot(q), d rot(k), writes dq, dk (4 T s) -> 12 T s.
-            fused: reads q, k, v, O, dO, writes dq, dk, dv -> 8 T s.
-  So rotate-then-attend moves 4 T s more in each direction (8 T s per training step) and keeps rot(q),
-  rot(k) alive for the backward (2 T s of activation memory per block).
-  Worked number, ViT-L-like B=32, H=16, N=577, D=64, bf16: T = 32*16*577*64 = 18,907,136 elements,
-  T s = 37.8 MB. Forward 302.5 MB vs 151.3 MB; forward+backward 756.3 MB vs 453.8 MB (302.5 MB saved per
-  block per step, about 90 us at the H100's 3.35 TB/s), plus 75.6 MB less saved activation per block.
-  (PyTorch's rope in eager mode is several elementwise kernels with float32 temporaries, so the real
-  rotate-then-attend traffic is higher than this count.)
+Bytes moved (T = B*H*N*D elements per tensor, s bytes each): rotate-then-attend 8 T s forward, 12 T s
+backward; fused 4 T s and 8 T s, and no rot(q), rot(k) (2 T s) kept for the backward.
 """
 
 import math
 import os
+import warnings
+import weakref
 
 import torch
 import torch.nn.functional as F
@@ -75,25 +63,26 @@ from triton.runtime.interpreter import InterpretedFunction
 # ---------------------------------------------------------------------------------------------------
 # Reference (plain PyTorch): the CPU path, the readable statement of what the kernels compute.
 
-def rope_angles_2d(grid_h, grid_w, head_dim, use_cls_token, theta=10000.0):
-    """The official 2D-RoPE angle table (pe_architecture.md §2), shape (N, head_dim) float32.
+def rope_angles_2d(grid_h, grid_w, head_dim, use_cls_token, theta=10000.0, device=None):
+    """The official 2D-RoPE angle table (Rope2D in the official rope.py), shape (N, head_dim) float32.
 
     N = grid_h * grid_w (+1 with a class token, placed first with angle 0). Tokens are the patch grid in
     row-major order. Grid indices start at 1 with a class token and at 0 without one (official quirk).
+    Built on `device` with the same bits everywhere: only the frequencies (a pow) come from the CPU.
     """
     if head_dim % 4 != 0:
         raise ValueError(f"rope_angles_2d: head_dim={head_dim} must be a multiple of 4 (two axes, pairs)")
     # head_dim/4 frequencies per axis: theta^(-2j / (head_dim/2)) = theta^(-4j / head_dim) (not 1D RoPE's)
-    freqs = theta ** (-torch.arange(0, head_dim // 4, dtype=torch.float32) * 4 / head_dim)
+    freqs = (theta ** (-torch.arange(0, head_dim // 4, dtype=torch.float32) * 4 / head_dim)).to(device)
     start = 1 if use_cls_token else 0
-    y, x = torch.meshgrid(torch.arange(grid_h, dtype=torch.float32) + start,
-                          torch.arange(grid_w, dtype=torch.float32) + start, indexing="ij")
+    y, x = torch.meshgrid(torch.arange(grid_h, dtype=torch.float32, device=device) + start,
+                          torch.arange(grid_w, dtype=torch.float32, device=device) + start, indexing="ij")
     x_angles = x.reshape(-1, 1) * freqs  # (gh*gw, head_dim/4): column index times each frequency
     y_angles = y.reshape(-1, 1) * freqs
     # each angle twice (interleaved pairs); column angles fill the first half of the head dim, rows the second
     angles = torch.cat([x_angles.repeat_interleave(2, dim=-1), y_angles.repeat_interleave(2, dim=-1)], dim=-1)
     if use_cls_token:
-        angles = torch.cat([torch.zeros(1, head_dim), angles], dim=0)  # (N, head_dim), class row = identity
+        angles = torch.cat([angles.new_zeros(1, head_dim), angles], dim=0)  # (N, head_dim), class row = identity
     return angles
 
 
@@ -116,13 +105,11 @@ def rope_attention_reference(q, k, v, angles):
 
 
 # ---------------------------------------------------------------------------------------------------
-# Triton kernels. program_id(1) is the batch*head index. q, k, v (and dO) are read with the caller's
-# (batch, head, row) strides, the last one being 1, so views of a fused qkv projection need no copy;
-# O, dq, dk, dv are written contiguous (B, H, N, D). The cos/sin tables are (N, D/2) float32.
+# Triton kernels. program_id(0) is the batch*head index (CUDA's grid axes 1 and 2 stop at 65,535),
+# program_id(1) the row block. q, k, v (and dO) are read with the caller's (batch, head, row) strides, the
+# last one being 1; O, dq, dk, dv are written contiguous (B, H, N, D).
 # DOT_DTYPE is the operand type of tl.dot: the input dtype on a GPU; float32 under the interpreter, whose
-# tl.dot cannot multiply bfloat16 (Triton 3.9 keeps bfloat16 as raw uint16 there). The operands are still
-# rounded to the input dtype first, so the products are those the tensor cores would form (up to the
-# rounding mode: the interpreter truncates to bfloat16, a GPU rounds to nearest even).
+# tl.dot cannot multiply bfloat16, with the operands still rounded to the input dtype first.
 
 @triton.jit
 def _load_rows(PTR, offs_rows, mask_rows, offs_cols, mask_cols, row_stride):
@@ -133,10 +120,8 @@ def _load_rows(PTR, offs_rows, mask_rows, offs_cols, mask_cols, row_stride):
 
 @triton.jit
 def _rotate_pairs(x, cos, sin, ROWS: tl.constexpr, BLOCK_D: tl.constexpr):
-    """Rotate the pairs (2i, 2i+1) of x (ROWS, BLOCK_D) by the angles of cos, sin (ROWS, BLOCK_D/2).
-
-    Float32 result. Passing -sin rotates by -angle: the inverse rotation, used on the gradients.
-    """
+    """Rotate the pairs (2i, 2i+1) of x (ROWS, BLOCK_D) by cos, sin (ROWS, BLOCK_D/2), in float32; -sin
+    rotates by -angle: the inverse rotation, used on the gradients."""
     even, odd = tl.split(tl.reshape(x.to(tl.float32), (ROWS, BLOCK_D // 2, 2)))  # (ROWS, BLOCK_D/2) each
     return tl.reshape(tl.join(even * cos - odd * sin, odd * cos + even * sin), (ROWS, BLOCK_D))
 
@@ -160,10 +145,10 @@ def _load_rotated(X, offs_rows, mask_rows, offs_d, mask_d, row_stride, COS, SIN,
 def _rope_attn_fwd_kernel(Q, K, V, COS, SIN, O, LSE, stride_z, stride_h, stride_n, H, N, qk_scale,
                           HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                           DOT_PRECISION: tl.constexpr, DOT_DTYPE: tl.constexpr):
-    bh = tl.program_id(1).to(tl.int64)
+    bh = tl.program_id(0).to(tl.int64)
     base = (bh // H) * stride_z + (bh % H) * stride_h  # this (batch, head) in q, k, v
     out_base = bh * N * HEAD_DIM  # ... and in the contiguous O
-    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_m = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     offs_p = tl.arange(0, BLOCK_D // 2)  # pair index
     mask_m, mask_d, mask_p = offs_m < N, offs_d < HEAD_DIM, offs_p < HEAD_DIM // 2
@@ -202,12 +187,12 @@ def _rope_attn_bwd_dq_kernel(Q, K, V, COS, SIN, O, DO, LSE, DELTA, DQ, stride_z,
                              stride_doz, stride_doh, stride_don, H, N, qk_scale, sm_scale,
                              HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                              BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr, DOT_DTYPE: tl.constexpr):
-    bh = tl.program_id(1).to(tl.int64)
+    bh = tl.program_id(0).to(tl.int64)
     base = (bh // H) * stride_z + (bh % H) * stride_h  # q, k, v: the caller's layout
     do_base = (bh // H) * stride_doz + (bh % H) * stride_doh
     out_base = bh * N * HEAD_DIM  # O and DQ: contiguous
     row_base = bh * N  # LSE and Delta
-    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_m = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     offs_p = tl.arange(0, BLOCK_D // 2)
     mask_m, mask_d, mask_p = offs_m < N, offs_d < HEAD_DIM, offs_p < HEAD_DIM // 2
@@ -234,8 +219,7 @@ def _rope_attn_bwd_dq_kernel(Q, K, V, COS, SIN, O, DO, LSE, DELTA, DQ, stride_z,
         ds = p * (dp - delta[:, None])  # softmax backward
         dq += tl.dot(ds.to(K.dtype.element_ty).to(DOT_DTYPE), k, input_precision=DOT_PRECISION)
 
-    # d rot(q) -> dq: rotate back by -angle (the rotation is orthogonal, its inverse is its transpose).
-    # The cos/sin tiles are loaded again (from cache) rather than kept in registers through the loop.
+    # d rot(q) -> dq: rotate back by -angle (cos/sin loaded again rather than kept live through the loop)
     cos_m, sin_m = _angles(COS, SIN, offs_m, mask_m, offs_p, mask_p, HEAD_DIM // 2)
     dq = _rotate_pairs(dq * sm_scale, cos_m, -sin_m, BLOCK_M, BLOCK_D)
     tl.store(DQ + out_base + offs_m[:, None] * HEAD_DIM + offs_d[None, :], dq.to(DQ.dtype.element_ty),
@@ -247,12 +231,12 @@ def _rope_attn_bwd_dkdv_kernel(Q, K, V, COS, SIN, DO, LSE, DELTA, DK, DV, stride
                                stride_doz, stride_doh, stride_don, H, N, qk_scale, sm_scale,
                                HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                                BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr, DOT_DTYPE: tl.constexpr):
-    bh = tl.program_id(1).to(tl.int64)
+    bh = tl.program_id(0).to(tl.int64)
     base = (bh // H) * stride_z + (bh % H) * stride_h  # q, k, v: the caller's layout
     do_base = (bh // H) * stride_doz + (bh % H) * stride_doh
     out_base = bh * N * HEAD_DIM  # DK and DV: contiguous
     row_base = bh * N  # LSE and Delta
-    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     offs_p = tl.arange(0, BLOCK_D // 2)
     mask_n, mask_d, mask_p = offs_n < N, offs_d < HEAD_DIM, offs_p < HEAD_DIM // 2
@@ -289,26 +273,28 @@ def _rope_attn_bwd_dkdv_kernel(Q, K, V, COS, SIN, DO, LSE, DELTA, DK, DV, stride
 
 
 # ---------------------------------------------------------------------------------------------------
-# Launching. The head dim is a compile-time constant (one compilation per head dim: masks on it fold
-# away and loads vectorise). On a GPU each kernel is autotuned over a few tile shapes, keyed on N and the
-# head dim; configs that run out of shared memory are skipped by the autotuner. Under the interpreter the
-# tile shape is fixed: autotuning would only multiply the (slow) interpreted runs.
+# Launching. The head dim is a compile-time constant; on a GPU each kernel is autotuned over a few tile
+# shapes, keyed on N and the head dim; under the interpreter the tile shape is fixed (_blocks).
 
-# (BLOCK_M, BLOCK_N, num_warps, num_stages). Chosen from ahead-of-time compilations for sm_90 (Triton 3.9,
-# no GPU at hand, not timed): all fit an H100's shared memory; at head dim 64 none spills registers, at 96
-# a few spill 100-300 bytes (see bench/RESULTS.md).
-# Forward: a tall query block, the keys stream through.
-_FWD_CONFIGS = [(128, 64, 4, 3), (128, 64, 8, 3), (128, 32, 4, 3), (64, 64, 4, 3), (128, 128, 8, 2), (64, 32, 4, 2)]
-# dq: programs own BLOCK_M query rows. dk/dv: programs own BLOCK_N key rows and hold two accumulators.
-_DQ_CONFIGS = [(64, 64, 4, 2), (64, 64, 8, 3), (128, 64, 8, 2), (64, 128, 8, 2), (32, 64, 4, 2)]
-_DKDV_CONFIGS = [(64, 64, 8, 3), (32, 64, 8, 2), (32, 64, 8, 3), (32, 128, 8, 2), (32, 64, 4, 2), (32, 32, 4, 2)]
-# float32 (true fp32 products on CUDA cores: the exact path, not the fast one) needs small tiles
-_FWD_CONFIGS_FP32 = [(32, 32, 8, 2), (16, 32, 4, 2)]
-_DQ_CONFIGS_FP32 = [(32, 32, 8, 2), (16, 32, 4, 2)]
-_DKDV_CONFIGS_FP32 = [(32, 32, 8, 2), (32, 16, 4, 2)]
+# (BLOCK_M, BLOCK_N, num_warps, num_stages, lowest compute capability). Every config compiles for sm_80 and
+# sm_90 within shared memory and, in bf16 at head dim 64, without register spills on the GPUs it is tuned on
+# (tests/test_rope_attention.py compiles them all); those marked 90 spill on sm_80 and are tuned on Hopper.
+_CONFIGS = {"fwd": [(128, 64, 4, 3, 80), (128, 64, 8, 3, 80), (128, 32, 4, 3, 80), (64, 64, 4, 3, 80),
+                    (128, 128, 8, 2, 80), (64, 32, 4, 2, 80)],  # a tall query block, the keys stream through
+            # dq: programs own BLOCK_M query rows. dk/dv: programs own BLOCK_N key rows, two accumulators.
+            "dq": [(64, 64, 4, 2, 90), (64, 64, 8, 3, 90), (128, 64, 8, 2, 80), (64, 128, 8, 2, 90), (32, 64, 4, 2, 90)],
+            "dkdv": [(64, 64, 8, 3, 90), (32, 64, 8, 2, 90), (32, 64, 8, 3, 80), (32, 128, 8, 2, 90),
+                     (32, 64, 4, 2, 90), (32, 32, 4, 2, 80)]}
+# float32 operands: tensor cores through tf32x3 (three tf32 products per fp32 one, float32-accurate)
+_FP32_CONFIGS = {"fwd": [(64, 32, 8, 2, 80), (32, 32, 8, 2, 80)], "dq": [(64, 32, 8, 2, 80), (32, 32, 8, 2, 80)],
+                 "dkdv": [(32, 32, 4, 2, 80), (32, 32, 8, 2, 80)]}
+# float32 CUDA tensors in rope_attention: "reference" (rope_apply + SDPA's memory-efficient kernel, exact
+# float32) or "triton" (tf32x3). The reference until bench/gpu_check.sh measures the Triton path faster.
+FP32_CUDA_PATH = "reference"
 _INTERPRETER_BLOCK_M = 128
-_launchers = {}
+_launchers, _tables, _warned = {}, {}, set()
 _TL_DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
+_KERNELS = {"fwd": _rope_attn_fwd_kernel, "dq": _rope_attn_bwd_dq_kernel, "dkdv": _rope_attn_bwd_dkdv_kernel}
 
 
 def _interpreting():
@@ -322,16 +308,37 @@ def _interpreted():
     return isinstance(_rope_attn_fwd_kernel, InterpretedFunction)
 
 
-def _launcher(kernel, configs):
-    """The callable to launch `kernel` with: as it is under the interpreter, else autotuned for the GPU."""
-    if _interpreted():
-        return kernel
-    key = (kernel, tuple(configs))
-    if key not in _launchers:
-        tuning = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=warps, num_stages=stages)
-                  for bm, bn, warps, stages in configs]
-        _launchers[key] = triton.autotune(configs=tuning, key=["N", "HEAD_DIM"])(kernel)
-    return _launchers[key]
+def _unsupported(head_dim):
+    """Why the kernels cannot take this head dim, or None (tl.dot needs >= 16; tiles checked up to 128)."""
+    if head_dim % 2 != 0 or not 16 <= head_dim <= 128:
+        return f"head dim {head_dim} must be even and in [16, 128]"
+    return None
+
+
+def _route(is_cuda, interpreting, head_dim, dtype):
+    """The path rope_attention takes: "triton" or "reference" (the dispatcher's decision, testable on CPU)."""
+    if not (is_cuda or interpreting) or _unsupported(head_dim):
+        return "reference"
+    return FP32_CUDA_PATH if is_cuda and dtype == torch.float32 else "triton"
+
+
+def _configs(name, fp32, capability):
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages) of kernel `name` for a GPU of this compute capability."""
+    return [config[:4] for config in (_FP32_CONFIGS if fp32 else _CONFIGS)[name] if capability >= config[4]]
+
+
+def _launch(name, grid, fp32, *args, **kwargs):
+    """Launch kernel `name` on grid(meta): as it is under the interpreter, else autotuned for the GPU."""
+    kernel = _KERNELS[name]
+    if not _interpreted():
+        major, minor = torch.cuda.get_device_capability()
+        key = (name, fp32, 10 * major + minor)
+        if key not in _launchers:
+            tuning = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=warps, num_stages=stages)
+                      for bm, bn, warps, stages in _configs(*key)]
+            _launchers[key] = triton.autotune(configs=tuning, key=["N", "HEAD_DIM"])(kernel)
+        kernel = _launchers[key]
+    kernel[grid](*args, **kwargs)
 
 
 def _blocks(N):
@@ -339,6 +346,25 @@ def _blocks(N):
     BLOCK_N = BLOCK_M / 2 (like most GPU configs) so that a mix-up of the two cannot pass the tests."""
     block_m = min(_INTERPRETER_BLOCK_M, max(16, triton.next_power_of_2(N)))
     return {"BLOCK_M": block_m, "BLOCK_N": max(16, block_m // 2)} if _interpreted() else {}
+
+
+def _pair_tables(angles):
+    """The (N, D/2) float32 cos and sin tables, cached per angle tensor (and its in-place version)."""
+    entry = _tables.get(id(angles))
+    if entry is None or entry[0]() is not angles or entry[1] != angles._version:
+        pair_angles = angles.detach()[:, 0::2].float()
+        entry = (weakref.ref(angles), angles._version, pair_angles.cos().contiguous(), pair_angles.sin().contiguous())
+        if len(_tables) >= 16:
+            _tables.pop(next(iter(_tables)))
+        _tables[id(angles)] = entry
+    return entry[2], entry[3]
+
+
+def _dot_args(dtype):
+    """DOT_DTYPE (see the kernels) and the tl.dot precision (tf32x3 for float32 on a GPU; 16-bit: unused)."""
+    if _interpreted():
+        return dict(DOT_PRECISION="ieee", DOT_DTYPE=tl.float32)
+    return dict(DOT_PRECISION="tf32x3" if dtype == torch.float32 else "tf32", DOT_DTYPE=_TL_DTYPES[dtype])
 
 
 def _check_inputs(q, k, v, angles):
@@ -349,9 +375,8 @@ def _check_inputs(q, k, v, angles):
         raise ValueError(f"rope_attention: q, k, v must all be float32, float16 or bfloat16; got "
                          f"{q.dtype}, {k.dtype}, {v.dtype}")
     N, D = q.shape[-2:]
-    if D % 2 != 0 or not 16 <= D <= 128:
-        raise ValueError(f"rope_attention_triton: head dim {D} must be even and in [16, 128]; "
-                         "use rope_attention_reference for other sizes")
+    if _unsupported(D):
+        raise ValueError(f"rope_attention_triton: {_unsupported(D)}; use rope_attention_reference for others")
     if tuple(angles.shape) != (N, D):
         raise ValueError(f"rope_attention: angles of shape {tuple(angles.shape)} must be (N, D) = {(N, D)}")
     if not (q.device == k.device == v.device == angles.device):
@@ -371,66 +396,84 @@ def _unit_last_stride(*tensors):
     return tuple(t.contiguous() for t in tensors)
 
 
-class _RopeAttention(torch.autograd.Function):
+# The kernels as torch.library custom ops (torch.compile traces around them with the fake implementations),
+# the backward registered as the forward's autograd formula.
 
-    @staticmethod
-    def forward(ctx, q, k, v, angles):
-        B, H, N, D = q.shape
-        q, k, v = _unit_last_stride(q, k, v)  # (B, H, N, D), rows of D contiguous
-        pair_angles = angles[:, 0::2].float().contiguous()  # (N, D/2): pairs share one angle
-        cos, sin = pair_angles.cos(), pair_angles.sin()
-        o = torch.empty(B, H, N, D, device=q.device, dtype=q.dtype)
-        lse = torch.empty(B * H, N, device=q.device, dtype=torch.float32)
-        sm_scale = 1.0 / math.sqrt(D)
-        dot_dtype = tl.float32 if _interpreted() else _TL_DTYPES[q.dtype]
-        # float32 operands: true float32 products (tf32 would miss the 1e-4 tolerance); the option is
-        # ignored for 16-bit operands, "tf32" being just the default there
-        precision = "ieee" if dot_dtype == tl.float32 else "tf32"
-        grid = lambda meta: (triton.cdiv(N, meta["BLOCK_M"]), B * H)
-        _launcher(_rope_attn_fwd_kernel, _FWD_CONFIGS if q.dtype != torch.float32 else _FWD_CONFIGS_FP32)[grid](
-            q, k, v, cos, sin, o, lse, q.stride(0), q.stride(1), q.stride(2), H, N,
-            sm_scale * 1.4426950408889634,  # log2(e): the kernels use exp2
-            HEAD_DIM=D, BLOCK_D=triton.next_power_of_2(D), DOT_PRECISION=precision, DOT_DTYPE=dot_dtype, **_blocks(N))
-        ctx.save_for_backward(q, k, v, o, lse, cos, sin)
-        ctx.sm_scale, ctx.dot_args = sm_scale, dict(DOT_PRECISION=precision, DOT_DTYPE=dot_dtype)
-        return o
+@torch.library.custom_op("pe_kernels::rope_attention_fwd", mutates_args=())
+def _fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+            angles: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    B, H, N, D = q.shape
+    q, k, v = _unit_last_stride(q, k, v)  # (B, H, N, D), rows of D contiguous
+    cos, sin = _pair_tables(angles)
+    o = torch.empty(B, H, N, D, device=q.device, dtype=q.dtype)
+    lse = torch.empty(B * H, N, device=q.device, dtype=torch.float32)
+    grid = lambda meta: (B * H, triton.cdiv(N, meta["BLOCK_M"]))
+    _launch("fwd", grid, q.dtype == torch.float32, q, k, v, cos, sin, o, lse, q.stride(0), q.stride(1),
+            q.stride(2), H, N, 1.4426950408889634 / math.sqrt(D),  # log2(e): the kernels use exp2
+            HEAD_DIM=D, BLOCK_D=triton.next_power_of_2(D), **_dot_args(q.dtype), **_blocks(N))
+    return o, lse
 
-    @staticmethod
-    def backward(ctx, do):
-        q, k, v, o, lse, cos, sin = ctx.saved_tensors
-        B, H, N, D = q.shape
-        (do,) = _unit_last_stride(do)
-        dq, dk, dv = (torch.empty(B, H, N, D, device=q.device, dtype=q.dtype) for _ in range(3))
-        delta = torch.empty_like(lse)
-        args = dict(stride_z=q.stride(0), stride_h=q.stride(1), stride_n=q.stride(2), stride_doz=do.stride(0),
-                    stride_doh=do.stride(1), stride_don=do.stride(2), H=H, N=N,
-                    qk_scale=ctx.sm_scale * 1.4426950408889634, sm_scale=ctx.sm_scale,
-                    HEAD_DIM=D, BLOCK_D=triton.next_power_of_2(D), **ctx.dot_args, **_blocks(N))
-        fp32 = q.dtype == torch.float32
-        # the dq kernel also writes Delta = rowsum(dO * O), which the dk/dv kernel reads: launch it first
-        grid_m = lambda meta: (triton.cdiv(N, meta["BLOCK_M"]), B * H)
-        _launcher(_rope_attn_bwd_dq_kernel, _DQ_CONFIGS_FP32 if fp32 else _DQ_CONFIGS)[grid_m](
+
+@_fwd_op.register_fake
+def _(q, k, v, angles):
+    B, H, N, D = q.shape
+    return q.new_empty(B, H, N, D), q.new_empty(B * H, N, dtype=torch.float32)
+
+
+@torch.library.custom_op("pe_kernels::rope_attention_bwd", mutates_args=())
+def _bwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, angles: torch.Tensor, o: torch.Tensor,
+            lse: torch.Tensor, do: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    B, H, N, D = q.shape
+    q, k, v = _unit_last_stride(q, k, v)
+    (do,) = _unit_last_stride(do)
+    cos, sin = _pair_tables(angles)
+    dq, dk, dv = (torch.empty(B, H, N, D, device=q.device, dtype=q.dtype) for _ in range(3))
+    delta = torch.empty_like(lse)
+    sm_scale = 1.0 / math.sqrt(D)
+    args = dict(stride_z=q.stride(0), stride_h=q.stride(1), stride_n=q.stride(2), stride_doz=do.stride(0),
+                stride_doh=do.stride(1), stride_don=do.stride(2), H=H, N=N, qk_scale=sm_scale * 1.4426950408889634,
+                sm_scale=sm_scale, HEAD_DIM=D, BLOCK_D=triton.next_power_of_2(D), **_dot_args(q.dtype), **_blocks(N))
+    fp32 = q.dtype == torch.float32
+    # the dq kernel also writes Delta = rowsum(dO * O), which the dk/dv kernel reads: launch it first
+    _launch("dq", lambda meta: (B * H, triton.cdiv(N, meta["BLOCK_M"])), fp32,
             q, k, v, cos, sin, o, do, lse, delta, dq, **args)
-        grid_n = lambda meta: (triton.cdiv(N, meta["BLOCK_N"]), B * H)
-        _launcher(_rope_attn_bwd_dkdv_kernel, _DKDV_CONFIGS_FP32 if fp32 else _DKDV_CONFIGS)[grid_n](
+    _launch("dkdv", lambda meta: (B * H, triton.cdiv(N, meta["BLOCK_N"])), fp32,
             q, k, v, cos, sin, do, lse, delta, dk, dv, **args)
-        return dq, dk, dv, None
+    return dq, dk, dv
+
+
+@_bwd_op.register_fake
+def _(q, k, v, angles, o, lse, do):
+    return tuple(q.new_empty(q.shape) for _ in range(3))
+
+
+def _setup_context(ctx, inputs, output):
+    # saved: q, k, v as given (unrotated; views of a fused qkv stay views), the angle table, O and LSE
+    ctx.save_for_backward(*inputs, *output)
+
+
+def _backward(ctx, do, _dlse):
+    q, k, v, angles, o, lse = ctx.saved_tensors
+    return (*_bwd_op(q, k, v, angles, o, lse, do), None)  # angles get no gradient
+
+
+_fwd_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 def rope_attention_triton(q, k, v, angles):
-    """Fused RoPE attention with the Triton kernels (CUDA tensors, or CPU tensors under TRITON_INTERPRET=1).
-
-    angles (N, D): the kernels read one angle per pair (column 2i), the official layout repeats it at 2i+1.
-    """
+    """Fused RoPE attention with the Triton kernels (CUDA tensors, or CPU tensors under TRITON_INTERPRET=1);
+    angles (N, D): the kernels read one angle per pair (column 2i), the official layout repeats it at 2i+1."""
     _check_inputs(q, k, v, angles)
-    return _RopeAttention.apply(q, k, v, angles)
+    return _fwd_op(q, k, v, angles)[0]
 
 
 def rope_attention(q, k, v, angles):
-    """softmax(rot(q) rot(k)^T / sqrt(D)) v, q, k, v (B, H, N, D), angles (N, D) -> (B, H, N, D).
-
-    Triton kernels for CUDA tensors and under TRITON_INTERPRET=1, plain PyTorch otherwise.
-    """
-    if q.is_cuda or _interpreting():
+    """softmax(rot(q) rot(k)^T / sqrt(D)) v, q, k, v (B, H, N, D), angles (N, D) -> (B, H, N, D); the path
+    is _route's (module docstring)."""
+    D = q.shape[-1]
+    if _route(q.is_cuda, _interpreting(), D, q.dtype) == "triton":
         return rope_attention_triton(q, k, v, angles)
+    if q.is_cuda and _unsupported(D) and D not in _warned:
+        _warned.add(D)
+        warnings.warn(f"rope_attention: {_unsupported(D)} for the Triton kernels; using rope_apply + SDPA")
     return rope_attention_reference(q, k, v, angles)

@@ -5,6 +5,7 @@ Tiny configs throughout. Run: python -m pytest -q tests/test_align_lang.py"""
 import json
 import os
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -170,7 +171,7 @@ def test_exported_pe_lang_tower_loads_strict_into_pe_model(core_checkpoint, tmp_
             if name.endswith(".gamma"):
                 param.uniform_(0.05, 0.5)
     path = str(tmp_path / "pe_lang_tower.pt")
-    align_lang.export_pe_lang_tower(vlm.vision, path)
+    pe_model.export_tower(vlm.vision, path)  # as main() exports the aligned tower
     blob = torch.load(path, weights_only=True)
     tower = pe_model.build_model(blob["config"])
     pe_model.load_checkpoint(tower, blob["model"], strict=True)  # raises on any missing / unexpected key
@@ -270,3 +271,26 @@ def test_a_llama_folder_with_its_tokenizer_trains_and_reloads(core_checkpoint, t
     assert isinstance(vlm.tokenizer, align_lang.Llama3Tokenizer) and vlm.lm.args.vocab_size == vocab_size
     assert json.load(open(out_dir / "metrics.json"))["stage2"]["num_questions"] > 0
     assert "| stage 2 |" in (out_dir / "metrics.md").read_text()  # the readable table beside the JSON
+
+
+def test_video_engine_plugins_caption_and_summarise(core_checkpoint, tmp_path):
+    """The paper's set-up (§2.2): a language-aligned model captions the frames and clips and an LM summarises
+    (video_engine.py's --captioner=align_lang:make_captioner / --summarizer=align_lang:make_summarizer). A VLM
+    with a compact vocabulary (what align_lang.py trains from scratch) must caption with its own tokenizer."""
+    state, vision_cfg = align_lang.read_core_checkpoint(core_checkpoint)
+    vision = align_lang.build_vision_tower(state, vision_cfg, 2)
+    vocab = align_lang.build_vocab(["describe the image.", "an emoji of a turtle.", "a video of a turtle moving left."])
+    torch.manual_seed(0)
+    lm = align_lang.Llama(align_lang.LlamaArgs(dim=32, n_layers=1, n_heads=4, n_kv_heads=2, vocab_size=len(vocab),
+                                               multiple_of=16))
+    vlm = align_lang.VLM(vision, align_lang.MLPProjector(vision.width, lm.args.dim, 2), lm)
+    path = str(tmp_path / "vlm.pt")
+    align_lang.save_vlm(vlm, path, align_lang.LangConfig(max_new_tokens=4), {}, vocab)
+    frames = torch.from_numpy(np.full((4, 40, 40, 3), 120, np.uint8))
+    captioner = align_lang.make_captioner(path, "cpu")
+    assert isinstance(captioner(frames[:1]), str) and isinstance(captioner(frames), str)
+    summarizer = align_lang.make_summarizer(path, "cpu")
+    assert isinstance(summarizer(["an emoji of a turtle."], "a video of a turtle moving left.", {"fps": 8}), str)
+    assert captioner.name == summarizer.name == f"align_lang:{os.path.abspath(path)}"
+    sheet = align_lang.contact_sheet(torch.arange(4, dtype=torch.uint8).view(4, 1, 1, 1).expand(4, 8, 8, 3).clone())
+    assert sheet.shape == (1, 8, 8, 3)  # 4 frames on a 2x2 grid, shrunk back to one frame's size

@@ -1,6 +1,7 @@
 """align_spatial.py: the two distillation losses (paper Appendix B.3.1, Eq. 2 and 3), the frozen teacher and
 its layer, the oracle mask source, the exported PE-Spatial tower, and a short run. Tiny random-weight cores."""
 
+import json
 import os
 import sys
 
@@ -24,7 +25,7 @@ def tiny_config(**changes):
 def models(checkpoint, **changes):
     cfg = tiny_config(**changes)
     teacher, student = align_spatial.build_teacher_and_student(
-        checkpoint, cfg, align_spatial.read_core_config(checkpoint))
+        checkpoint, cfg, pe_model.checkpoint_config(checkpoint)["vision_cfg"])
     return cfg, teacher, student
 
 
@@ -60,17 +61,25 @@ def test_self_distillation_loss_is_per_token_cosine():
     assert align_spatial.self_distillation_loss(torch.randn(2, 5, 8), teacher).item() > 0.1
 
 
-def test_exact_mask_logits_answer_each_prompt_with_the_region_under_it():
+def exact_mask_logits(instance_maps, prompt_grid):
+    """The oracle per prompt, as a SAM-like mask source would answer: (B, H, W) -> (B, M, H, W) logits."""
+    rows, cols = align_spatial.prompt_points(*instance_maps.shape[-2:], prompt_grid)
+    region = instance_maps[:, rows, cols]  # (B, M): the region id under each prompt
+    inside = instance_maps[:, None, :, :] == region[:, :, None, None]
+    return (inside.float() * 2 - 1) * align_spatial.EXACT_LOGIT
+
+
+def test_exact_mask_tokens_answer_each_prompt_with_the_region_under_it():
     instance_map = torch.zeros(1, 16, 16, dtype=torch.long)
     instance_map[0, :8, :8] = 1  # object 1 in the top-left quarter
-    logits = align_spatial.exact_mask_logits(instance_map, prompt_grid=2)  # prompts at (4,4) (4,12) (12,4) (12,12)
-    assert logits.shape == (1, 4, 16, 16)
-    assert torch.equal(logits[0, 0] > 0, instance_map[0] == 1)
-    assert torch.equal(logits[0, 3] > 0, instance_map[0] == 0)
+    tokens = align_spatial.exact_mask_tokens(instance_map, 2, 2, 2, 8)  # prompts at (4,4) (4,12) (12,4) (12,12)
+    assert tokens.shape == (1, 4, 4)  # (B, patches, prompts)
+    assert torch.equal(tokens[0, :, 0] > 0, torch.tensor([True, False, False, False]))  # object 1: patch 0
+    assert torch.equal(tokens[0, :, 3] > 0, torch.tensor([False, True, True, True]))  # background
     # the per-region fast path gives the same token features as pooling the per-prompt logits
     torch.manual_seed(0)
     maps = torch.randint(0, 4, (3, 20, 20))
-    slow = align_spatial.mask_logit_tokens(align_spatial.exact_mask_logits(maps, 4), (20, 20), 8)
+    slow = align_spatial.mask_logit_tokens(exact_mask_logits(maps, 4), (20, 20), 8)
     fast = align_spatial.exact_mask_tokens(maps, 4, 2, 2, 8)
     assert torch.allclose(slow, fast, atol=1e-5)
 
@@ -85,15 +94,21 @@ def test_mask_source_logits_of_another_size_are_resized_to_the_token_grid():
         assert torch.allclose(tokens[0, -4:, 0], torch.zeros(4))  # the bottom row
 
 
-def test_masked_blocks_embed_to_a_zero_patch_and_cover_the_ratio(core_checkpoint):
+def test_masked_blocks_cover_the_ratio_and_embed_as_zero_pixels(core_checkpoint):
     cfg, teacher, student = models(core_checkpoint)
     generator = torch.Generator().manual_seed(0)
     token_mask = align_spatial.block_mask(2, 6, 6, 0.75, 2, generator)
     assert token_mask.float().mean().item() == pytest.approx(7 / 9)  # round(0.75 * 9) of 9 2x2 blocks
     assert torch.equal(token_mask[:, ::2, ::2], token_mask[:, 1::2, 1::2])  # whole 2x2 blocks
-    images = align_spatial.mask_images(torch.randn(2, 3, 48, 48), token_mask, 8)
-    patches = student.conv1(images).flatten(2).transpose(1, 2)  # (2, 36, W)
+    # the student's patch_mask gives exactly the tokens of the image with the masked patches' pixels zeroed
+    images = torch.randn(2, 3, 48, 48)
+    pixels = token_mask.repeat_interleave(8, 1).repeat_interleave(8, 2)  # (2, 48, 48)
+    zeroed = images * (~pixels)[:, None].float()
+    patches = student.conv1(zeroed).flatten(2).transpose(1, 2)  # (2, 36, W)
     assert torch.all(patches[token_mask.flatten(1)] == 0) and torch.all(patches[~token_mask.flatten(1)] != 0)
+    student.eval()
+    with torch.no_grad():
+        assert torch.equal(student(images, patch_mask=token_mask.flatten(1)), student(zeroed))
 
 
 def test_student_starts_from_the_core_as_a_spatial_tower(core_checkpoint):
@@ -120,7 +135,7 @@ def test_layer_distillation_target_comes_from_the_named_layer(core_checkpoint):
     mask_features = torch.randn(2, 36, 5)
     for layer in (0, 1):
         # a student that IS the core cut after block `layer` matches that layer's target exactly
-        cut = pe_model.VisionTransformer(**align_spatial.headless(align_spatial.read_core_config(core_checkpoint)))
+        cut = pe_model.VisionTransformer(**pe_model.headless_config(pe_model.checkpoint_config(core_checkpoint)["vision_cfg"]))
         pe_model.load_checkpoint(cut, core_checkpoint, drop_head=True)
         cut.truncate(layer)
         losses = align_spatial.alignment_losses(cut, teacher, images, mask_features, cfg, teacher_layer=layer)
@@ -147,14 +162,14 @@ def test_short_run_lowers_both_losses_and_keeps_the_teacher_frozen(core_checkpoi
     assert all(torch.equal(before[k], v) for k, v in teacher.state_dict().items())
     with torch.no_grad():
         end = align_spatial.alignment_losses(student.eval(), teacher, images, mask_features, cfg, layer)
-    assert end["core"] < 0.9 * start["core"], (start, end)  # measured: x0.77 and x0.84
+    assert end["core"] < 0.9 * start["core"], (start, end)
     assert end["loc"] < 0.9 * start["loc"], (start, end)
 
 
 def test_exported_tower_loads_strict_into_pe_model(core_checkpoint, tmp_path):
     cfg, teacher, student = models(core_checkpoint)
     path = str(tmp_path / "spatial.pt")
-    align_spatial.save_spatial_checkpoint(path, student.eval(), 0, cfg, 1, {})
+    pe_model.export_tower(student.eval(), path, step=0, teacher_layer=1, metrics={})  # as main() exports it
     tower = pe_model.load_model(path)  # strict: raises on any missing, unexpected or wrongly-shaped key
     assert isinstance(tower, pe_model.VisionTransformer) and tower.pool_type == "none" and tower.output_dim is None
     blob = torch.load(path, weights_only=True)
@@ -165,15 +180,35 @@ def test_exported_tower_loads_strict_into_pe_model(core_checkpoint, tmp_path):
     assert torch.allclose(tower.eval()(image), student(image), atol=1e-6)
 
 
+# evaluate.py kept small: the layer-wise run also probes classification and tracking
+SMALL_EVAL = ("--eval_options=--num_classes=2 --num_val=1 --num_probe_train=1 --num_track_videos=1 "
+              "--track_frames=2")
+
+
 def test_command_line_run_writes_the_tower_and_prints_the_probe_table(core_checkpoint, tmp_path, capsys):
+    """--eval runs evaluate.py --layerwise on the core and the aligned tower (separate processes, the exact
+    commands printed) and builds dense_probes.json and the table from its results.json."""
     align_spatial.main([f"--checkpoint={core_checkpoint}", f"--out_dir={tmp_path}", "--max_steps=2", "--batch_size=4",
-                        "--num_scenes=8", "--resolution=48", "--eval_scenes=8", "--eval_size=48"])
+                        "--num_scenes=8", "--resolution=48", "--eval_scenes=8", "--eval_size=48", SMALL_EVAL])
     printed = capsys.readouterr().out
     assert "| segmentation: mIoU" in printed and "| depth: RMSE" in printed
+    commands = [line for line in printed.splitlines() if line.startswith("$ ") and "evaluate.py --layerwise" in line]
+    assert len(commands) == 2 and all("--num_scenes=8 --dense_size=48" in line for line in commands)
+    assert f"--checkpoint={tmp_path / 'spatial.pt'}" in commands[1]
     tower = pe_model.load_model(str(tmp_path / "spatial.pt"))
     assert isinstance(tower, pe_model.VisionTransformer) and tower.image_size == 48
     probes = torch.load(str(tmp_path / "spatial.pt"), weights_only=True)["metrics"]["dense_probes"]
     assert set(probes) == {"core", "spatial"} and len(probes["core"]["depth"]["per_layer"]) == 3
+    with open(tmp_path / "dense_probes.json") as f:
+        assert json.load(f) == probes
+
+
+def test_eval_is_skipped_with_a_message_without_evaluate_py(core_checkpoint, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(align_spatial, "EVALUATE", str(tmp_path / "evaluate.py"))  # a copy of the stage alone
+    align_spatial.main([f"--checkpoint={core_checkpoint}", f"--out_dir={tmp_path}", "--max_steps=1", "--batch_size=4",
+                        "--num_scenes=4", "--resolution=48"])
+    assert "no dense probes" in capsys.readouterr().out
+    assert (tmp_path / "spatial.pt").exists() and not (tmp_path / "dense_probes.json").exists()
 
 
 def test_a_mask_source_plugs_in_as_module_function(core_checkpoint, tmp_path, monkeypatch):
@@ -193,7 +228,7 @@ def test_a_mask_source_plugs_in_as_module_function(core_checkpoint, tmp_path, mo
 
     assert fake_sam.calls == [(8, 3, 48, 48)] * 2 and len(history) == 2
     with pytest.raises(SystemExit, match="module:function"):
-        align_spatial.load_mask_source("fake_sam")
+        align_spatial.train(tiny_config(mask_source="fake_sam", out_dir=str(tmp_path)), core_checkpoint)
 
 
 def test_resumed_alignment_reproduces_the_uninterrupted_run(core_checkpoint, tmp_path):

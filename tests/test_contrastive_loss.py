@@ -26,16 +26,20 @@ from torch.utils._python_dispatch import TorchDispatchMode
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import kernels.contrastive_loss as closs  # noqa: E402
+from triton.runtime.interpreter import InterpretedFunction  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from test_rope_attention import AOT_FULL, SHARED_LIMIT, aot_compile  # noqa: E402  (one compile helper)
 
 LOGIT_SCALE = 100.0  # CLIP's clamp value (1/0.01): the sharpest softmax, the hardest case for precision
 
-# (global batch, d, dtype, Triton block). Each path covers every batch (1, 7, 1000, 4097) and every
-# d (32, 96, 512). The interpreter runs tiles in Python, so its large batches get small d and large
-# blocks; the small blocks on small batches exercise the masked row, column and d edges.
+# (global batch, d, dtype, Triton block). Each path covers every d (32, 96, 512) and batches of 1, 7 and
+# more than 300. The interpreter runs tiles in Python (about 5 ms a tile), so the Triton path stops at
+# 1025 = 16 tiles + 1 of the default 64 (and 128, the largest tile); the reference goes to 4097.
 REFERENCE_CASES = [(1, 512, "float32"), (7, 32, "float32"), (7, 96, "float32"),
                    (1000, 512, "float32"), (4097, 96, "float32"), (1000, 96, "bfloat16")]
 TRITON_CASES = [(1, 32, "float32", 16), (7, 96, "float32", 64), (7, 512, "float32", 64),
-                (1000, 96, "float32", 512), (4097, 32, "float32", 1024), (300, 96, "bfloat16", 128)]
+                (300, 96, "float32", 128), (1025, 32, "float32", 64), (300, 96, "bfloat16", 64)]
 TOLERANCE = {"float32": 1e-4, "bfloat16": 1.5e-2}  # relative to the largest expected magnitude
 
 
@@ -227,6 +231,136 @@ def _spawned_worker(rank, port, out_dir):
         image, text, scale = make_batch(global_batch, dim)
         result = run_loss(closs.contrastive_loss_triton, image, text, scale, dtype, block_size=block)
         torch.save(result, os.path.join(out_dir, f"triton_{global_batch}_{dim}_{dtype}.pt"))
+    if rank < len(CANCELLATION_KINDS):
+        kind = CANCELLATION_KINDS[rank]
+        for path, loss_fn in (("triton", closs.contrastive_loss_triton), ("reference", closs.contrastive_loss_reference)):
+            result = run_loss(loss_fn, *cancellation_batch(kind), dtype="bfloat16")
+            torch.save(result, os.path.join(out_dir, f"cancellation_{kind}_{path}.pt"))
+    if rank == 2:
+        torch.save(compile_loss_check(), os.path.join(out_dir, "compile.pt"))
+
+
+def compile_loss_check():
+    """torch.compile through the Triton loss (custom ops): graph breaks, and the compiled gradients."""
+    image, text, scale = (t.requires_grad_() for t in make_batch(40, 32))
+    explained = torch._dynamo.explain(closs.contrastive_loss_triton)(image, text, scale)
+    compiled = torch.compile(closs.contrastive_loss_triton, backend="aot_eager", fullgraph=True)
+    grads = torch.autograd.grad(compiled(image, text, scale), (image, text, scale))
+    eager = torch.autograd.grad(closs.contrastive_loss_triton(image, text, scale), (image, text, scale))
+    return {"graph_breaks": explained.graph_break_count, "graphs": explained.graph_count,
+            "error": max((a - b).abs().max().item() for a, b in zip(grads, eager))}
+
+
+def test_torch_compile_traces_the_triton_loss_without_graph_break(spawned_results):
+    result = spawned_results("compile")
+    assert result["graph_breaks"] == 0 and result["graphs"] == 1, result
+    assert result["error"] < 1e-6, result
+
+
+def cancellation_batch(kind, n=64, dim=32):
+    """bf16 features at logit scale 100 where the gradient cancels: clusters of 4 near-duplicate pairs
+    (weights within a cluster cancel), or confident positives (P_ii + Q_ii near 2)."""
+    generator = torch.Generator().manual_seed(0)
+    if kind == "clusters":
+        centers = torch.randn(n // 4, dim, generator=generator).repeat_interleave(4, 0)
+        image = F.normalize(centers + 0.03 * torch.randn(n, dim, generator=generator), dim=-1)
+    else:
+        image = F.normalize(torch.randn(n, dim, generator=generator), dim=-1)
+    noise = 0.03 if kind == "clusters" else 0.2
+    text = F.normalize(image + noise * torch.randn(n, dim, generator=generator), dim=-1)
+    return image.bfloat16(), text.bfloat16(), torch.tensor(LOGIT_SCALE)
+
+
+CANCELLATION_KINDS = ["clusters", "confident"]
+
+
+@pytest.mark.parametrize("kind", CANCELLATION_KINDS)
+def test_bf16_gradient_survives_cancellation(spawned_results, kind):
+    """The Triton bf16 feature gradients within 3x the reference's bf16 error, both against float64 on the
+    same bf16 inputs (before the in-tile diagonal and the split weights: 2% and 400%, vs 0.2%)."""
+    image, text, scale = cancellation_batch(kind)
+    expected = run_loss(naive_loss, image.double(), text.double(), scale.double(), dtype="float64")
+    errors = {}
+    for path in ("triton", "reference"):
+        result = spawned_results(f"cancellation_{kind}_{path}")
+        errors[path] = max(((result[name].double() - expected[name]).norm() / expected[name].norm()).item()
+                           for name in ("grad_image", "grad_text"))
+    assert errors["reference"] < 5e-3, errors
+    assert errors["triton"] <= 3 * errors["reference"], errors
+
+
+def test_tile_sizes_above_the_checked_ones_are_refused(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    for block in (256, 1024, 8, 48):
+        with pytest.raises(ValueError, match="block_size"):
+            closs.contrastive_loss_triton(*make_batch(9, 8), block_size=block)
+
+
+def test_column_splits_fill_the_gpu_at_pe_scale():
+    # b = 256 rows per rank against B = 65,536 texts, 132 SMs (H100): 4 row blocks alone would idle the GPU
+    splits, per_split = closs._column_splits(256, 65536, 64, 4 * 132)
+    assert 4 * splits >= 132 and splits * per_split >= 65536 > (splits - 1) * per_split and per_split % 64 == 0
+    assert closs._column_splits(65536, 256, 64, 4 * 132) == (1, 256)  # the text side fills it by its rows
+    assert closs._column_splits(8, 24, 16, 8) == (2, 16)  # as in the distributed tests: splits are tested
+
+
+def test_launch_grids_stay_within_cuda_limits(monkeypatch):
+    grids = []
+    monkeypatch.setattr(closs, "_launch", lambda kernel, grid, *args, **kwargs: grids.append(grid))
+    image, text = torch.zeros(70000, 16), torch.zeros(70000, 16)
+    lse_rows, lse_cols = closs._tile_lse_triton(image, text, torch.ones(1), 16)
+    closs._tile_directions_triton(image, text, torch.ones(1), lse_rows, lse_cols, 0, 16)
+    assert len(grids) == 4 and all(grid[0] == 4375 and grid[1] < 65536 for grid in grids), grids
+
+
+def loss_aot_cases():
+    cases = []
+    for capability in (80, 90):
+        for dtype in ("bf16", "fp32"):
+            for dim in (64, 512):  # the sum in registers (one feature slice), and through `out`
+                for block in (64, closs.MAX_BLOCK):
+                    full_only = block != 64 or (capability == 80 and dtype == "fp32")
+                    marks = [pytest.mark.skipif(full_only and not AOT_FULL, reason="PE_AOT_FULL=1 compiles it")]
+                    cases.append(pytest.param(capability, dtype, dim, block, marks=marks,
+                                              id=f"sm{capability}-{dtype}-d{dim}-block{block}"))
+    return cases
+
+
+@pytest.mark.parametrize("capability,dtype,dim,block", loss_aot_cases())
+def test_kernels_compile_for_gpus_ahead_of_time(capability, dtype, dim, block):
+    if isinstance(closs._lse_kernel, InterpretedFunction):
+        pytest.skip("triton was imported under TRITON_INTERPRET=1 in this process: no GPU compiler")
+    args = closs._kernel_args(getattr(torch, {"bf16": "bfloat16", "fp32": "float32"}[dtype]), dim, block)
+    warps, stages = args.pop("num_warps"), args.pop("num_stages")
+    args["PRECISION"] = "tf32x3" if dtype == "fp32" else "tf32"  # what a GPU gets (this process may differ)
+    specs = {name: ("c", value) for name, value in args.items()}
+    specs.update(n_rows="i32", n_cols="i32", dim="i32D", cols_per_split="i32D", diag_offset="i32",
+                 ONE_SLICE=("c", dim <= args["BLOCK_D"]))
+    for kernel in (closs._lse_kernel, closs._direction_kernel):
+        for name in kernel.arg_names:
+            if name.endswith("ptr"):
+                specs[name] = "*" + dtype if name in ("rows_ptr", "cols_ptr") else "*fp32"
+        shared, spilled, mma = aot_compile(kernel, specs, capability, warps, stages)
+        assert shared <= SHARED_LIMIT[capability], f"{kernel.__name__}: {shared} bytes of shared memory"
+        if dtype == "bf16" and block == 64:
+            assert spilled == 0, f"{kernel.__name__}: {spilled} bytes of register spills"
+        assert mma, f"{kernel.__name__}: no tensor-core MMA in the PTX"  # bf16, and fp32 through tf32x3
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_cuda_triton_path_matches_naive_float64(dtype):
+    image, text, scale = (t.cuda() for t in make_batch(4097, 1024))
+    result = run_loss(closs.contrastive_loss_triton, image, text, scale, dtype)  # default tile
+    rounded = [t.to(getattr(torch, dtype)).double() for t in (image, text)]
+    expected = run_loss(naive_loss_cuda, *rounded, scale.double(), dtype="float64")
+    assert_matches(result, expected, TOLERANCE[dtype])
+
+
+def naive_loss_cuda(image, text, scale):
+    logits = scale * image @ text.T
+    labels = torch.arange(image.shape[0], device=image.device)
+    return (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2
 
 
 def check_ddp_convention(spawned_results, world_size):

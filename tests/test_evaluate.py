@@ -2,7 +2,6 @@
 `--all` end to end on a tiny random model."""
 
 import json
-import math
 import os
 import sys
 
@@ -13,7 +12,6 @@ from PIL import Image
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-import data  # noqa: E402
 import evaluate  # noqa: E402
 import pe_model  # noqa: E402
 
@@ -51,8 +49,8 @@ def test_recall_at_k_on_a_known_similarity_matrix():
 
 def test_zero_shot_accuracy_is_perfect_for_class_embeddings_and_counts_top5():
     torch.manual_seed(0)
-    classifier = F.normalize(torch.randn(16, 6), dim=0)  # (D, C)
-    features = classifier.T.clone()  # each image is exactly its class embedding
+    classifier = F.normalize(torch.randn(6, 16), dim=1)  # (C, D), as pe_model.zero_shot_classifier
+    features = classifier.clone()  # each image is exactly its class embedding
     labels = torch.arange(6)
     assert evaluate.zero_shot_accuracy(features, classifier, labels) == {"top1": 100.0, "top5": 100.0}
     shifted = evaluate.zero_shot_accuracy(features, classifier, (labels + 1) % 6)
@@ -60,16 +58,17 @@ def test_zero_shot_accuracy_is_perfect_for_class_embeddings_and_counts_top5():
 
 
 def test_zero_shot_classifier_is_the_renormalised_mean_of_normalised_template_embeddings():
+    # the classifier evaluate.py scores with (pe_model's, shared with train_clip.py)
     model = tiny_model()
     names, templates = ["dog face", "red apple"], ("a drawing of {a}", "{name} icon", "a photo of a {}.")
-    classifier = evaluate.zero_shot_classifier(model, names, templates)
-    assert classifier.shape == (32, 2)
+    classifier = pe_model.zero_shot_classifier(model, names, templates)
+    assert classifier.shape == (2, 32)
     for c, name in enumerate(names):
-        prompts = [data.format_template(t, name) for t in templates]
+        prompts = [pe_model.format_prompt(t, name) for t in templates]
         assert prompts[0] == ("a drawing of a dog face" if c == 0 else "a drawing of a red apple")
         with torch.no_grad():
             embeddings = model.encode_text(pe_model.tokenize(prompts), normalize=True)
-        torch.testing.assert_close(classifier[:, c], F.normalize(embeddings.mean(0), dim=0), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(classifier[c], F.normalize(embeddings.mean(0), dim=0), atol=1e-5, rtol=1e-5)
 
 
 def test_coco_retrieval_keeps_every_caption_of_an_image(tmp_path):
@@ -109,24 +108,33 @@ def test_classification_probe_on_random_labels_stays_near_chance():
     assert 4.0 < accuracy < 17.0  # chance is 10%; 400 test samples
 
 
+def miou(pred, target, num_classes, ignore_index=None):
+    return evaluate.miou_from_confusion(evaluate.confusion_matrix(pred, target, num_classes, ignore_index), ignore_index)
+
+
 def test_miou_on_crafted_maps():
     target = torch.tensor([[0, 0, 1, 1], [0, 0, 1, 1]])
     pred = torch.tensor([[0, 1, 1, 1], [0, 0, 1, 1]])
     # class 0: 3 right, 1 missed -> 3/4; class 1: 4 right, 1 false alarm -> 4/5
-    assert evaluate.miou(pred, target, 2) == pytest.approx(100 * (0.75 + 0.8) / 2)
-    assert evaluate.miou(pred, target, 3) == pytest.approx(100 * (0.75 + 0.8) / 2)  # absent class left out
+    assert miou(pred, target, 2) == pytest.approx(100 * (0.75 + 0.8) / 2)
+    assert miou(pred, target, 3) == pytest.approx(100 * (0.75 + 0.8) / 2)  # absent class left out
     wrong_class = torch.tensor([[2, 0, 1, 1], [0, 0, 1, 1]])  # a class that is not there counts as IoU 0
-    assert evaluate.miou(wrong_class, target, 3) == pytest.approx(100 * (0.75 + 1.0 + 0.0) / 3)
+    assert miou(wrong_class, target, 3) == pytest.approx(100 * (0.75 + 1.0 + 0.0) / 3)
     ignored = torch.tensor([[0, 255, 1, 1], [0, 0, 1, 1]])  # the wrong pixel is not scored
-    assert evaluate.miou(pred, ignored, 2, ignore_index=255) == pytest.approx(100.0)
+    assert miou(pred, ignored, 2, ignore_index=255) == pytest.approx(100.0)
 
 
-def test_rmse_on_crafted_predictions():
-    target = torch.tensor([1.0, 2.0, 3.0, 4.0])
-    pred = target + torch.tensor([1.0, -1.0, 3.0, 100.0])
-    valid = torch.tensor([True, True, True, False])
-    assert evaluate.rmse(pred, target, valid) == pytest.approx(math.sqrt(11 / 3))
-    assert evaluate.rmse(target, target) == 0.0
+def test_depth_probe_rmse_counts_only_valid_pixels():
+    # features that give the depth exactly except at one pixel per image, which is left out of the RMSE
+    features, _, depth = dense_case(30)
+    valid = torch.ones_like(depth, dtype=torch.bool)
+    valid[:, 0, 0] = False
+    corrupted = depth.clone()
+    corrupted[:, 0, 0] += 100.0
+    exact = evaluate.depth_probe(features[:20], depth[:20], features[20:], depth[20:])
+    assert evaluate.depth_probe(features[:20], depth[:20], features[20:], corrupted[20:], test_valid=valid[20:]) == \
+        pytest.approx(exact, abs=0.01)
+    assert evaluate.depth_probe(features[:20], depth[:20], features[20:], corrupted[20:]) > 1.0
 
 
 def test_patch_targets_are_class_fractions_per_patch():
@@ -364,18 +372,52 @@ def test_a_missing_data_folder_is_named_before_any_work(tmp_path):
     assert not (tmp_path / "results.json").exists()
 
 
-def test_vqa_calls_align_lang_lazily_and_reports_its_numbers(monkeypatch):
-    assert "skipped" in evaluate.run_vqa(evaluate.EvalConfig())
-    calls = []
+def test_vqa_is_a_plugin_loaded_only_when_it_runs_and_reports_its_numbers(tmp_path, monkeypatch):
+    assert "skipped" in evaluate.run_vqa(evaluate.EvalConfig(vqa_plugin="no_such_module:f"))  # not loaded
+    (tmp_path / "fake_vlm.py").write_text(
+        "calls = []\n"
+        "def vqa_accuracy(checkpoint_path, split='val', jsonl=None, max_samples=None, batch_size=64, device='cpu'):\n"
+        "    calls.append((checkpoint_path, batch_size, device))\n"
+        "    return {'accuracy': 0.5, 'num_questions': 4, 'per_kind': {'colour': 0.25}, 'examples': [\"q -> 'a'\"]}\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    result = evaluate.run_vqa(evaluate.EvalConfig(vqa_checkpoint="vlm.pt", vqa_plugin="fake_vlm:vqa_accuracy"))
+    import fake_vlm
 
-    class FakeAlignLang:
-        @staticmethod
-        def vqa_accuracy(path):
-            calls.append(path)
-            return {"accuracy": 0.5, "num_questions": 4, "per_kind": {"colour": 0.25}, "examples": ["q -> 'a'"]}
-
-    monkeypatch.setitem(sys.modules, "align_lang", FakeAlignLang)
-    result = evaluate.run_vqa(evaluate.EvalConfig(vqa_checkpoint="vlm.pt"))
-    assert calls == ["vlm.pt"] and result["accuracy"] == 0.5
+    assert fake_vlm.calls == [("vlm.pt", 64, "cpu")] and result["accuracy"] == 0.5
     markdown = evaluate.results_markdown({"vqa": result})
     assert "| colour | 0.250 |" in markdown and "- q -> 'a'" in markdown
+    with pytest.raises(SystemExit, match="module:function"):
+        evaluate.run_vqa(evaluate.EvalConfig(vqa_checkpoint="vlm.pt", vqa_plugin="fake_vlm"))
+
+
+def test_several_checkpoints_are_evaluated_in_order_and_compared_side_by_side(tmp_path):
+    paths = []
+    for seed in (0, 1):  # two tiny CLIP checkpoints, and a vision-only tower (no text: zero-shot skipped)
+        model = tiny_model(seed)
+        paths.append(str(tmp_path / f"clip{seed}.pt"))
+        pe_model.save_checkpoint({"model": model.state_dict(), "config": pe_model.get_config(model)}, paths[-1])
+    pe_model.export_tower(tiny_model(2).visual, str(tmp_path / "tower.pt"))
+    paths.append(str(tmp_path / "tower.pt"))
+    out = tmp_path / "eval"
+    results = evaluate.main(["--zero_shot", "--layerwise", f"--checkpoint={','.join(paths)}", f"--out_dir={out}",
+                             "--num_classes=4", "--num_val=2", "--num_probe_train=3", "--num_scenes=8",
+                             "--num_track_videos=1", "--track_frames=3", "--dense_size=32", "--batch_size=16"])
+    written = json.loads((out / "results.json").read_text())
+    assert [run["meta"]["model"] for run in written["checkpoints"]] == paths == written["meta"]["models"]
+    assert results["checkpoints"][0]["zero_shot"]["top1"] == written["checkpoints"][0]["zero_shot"]["top1"]
+    assert "top1" in written["checkpoints"][1]["zero_shot"] and "skipped" in written["checkpoints"][2]["zero_shot"]
+    assert all(set(run["layerwise"]["tasks"]) == {"classification", "segmentation", "depth", "tracking"}
+               for run in written["checkpoints"])
+    markdown = (out / "results.md").read_text()
+    header = next(line for line in markdown.splitlines() if line.startswith("|  | 1: "))
+    assert header == "|  | " + " | ".join(f"{k + 1}: {path}" for k, path in enumerate(paths)) + " |"
+    top1 = next(line for line in markdown.splitlines() if line.startswith("| top-1 % |"))
+    assert top1.count("|") == 5 and top1.endswith("| skipped |")  # a column per checkpoint
+    assert "| segmentation best layer |" in markdown
+    assert markdown.index(f"## Evaluation: {paths[1]}") < markdown.index(f"## Evaluation: {paths[2]}")  # sections
+    for k in (1, 2, 3):
+        assert (out / f"layerwise_{k}.png").exists() and (out / f"layerwise_tasks_{k}.png").exists()
+        assert f"(layerwise_{k}.png)" in markdown
+    assert not (out / "layerwise.png").exists()
+    with pytest.raises(SystemExit, match="one per checkpoint"):
+        evaluate.main([f"--checkpoint={paths[0]},{paths[1]}", "--model=a,b,c", "--zero_shot"])

@@ -122,6 +122,18 @@ def test_tokenizer_ids_are_identical_to_the_official_tokenizer():
     assert long_row[0] == pe_model.SOT_TOKEN_ID and long_row[-1] == pe_model.EOT_TOKEN_ID
 
 
+@pytest.mark.parametrize("text, ids", [  # ids of the official (open_clip 3.3.0) tokenizer
+    ("<end_of_text>", [49406, 49407, 49407]),
+    ("<start_of_text>a cat", [49406, 49406, 320, 2368, 49407]),
+    ("a <END_OF_TEXT> b", [49406, 320, 49407, 321, 49407]),
+    ("<|endoftext|>", [49406, 27, 347, 40786, 4160, 91, 285, 49407]),  # OpenAI's names are plain text here
+    ("<|startoftext|>dog", [49406, 27, 347, 993, 6659, 4160, 91, 285, 1929, 49407]),
+])
+def test_special_token_strings_encode_as_the_official_tokenizer(text, ids):
+    assert pe_model.tokenize([text], 32)[0, : len(ids)].tolist() == ids
+    assert pe_model.tokenize([text], 32)[0, len(ids):].eq(0).all()
+
+
 # --- loading ------------------------------------------------------------------------------------------------
 
 

@@ -65,7 +65,7 @@ def attention64(q, k, v, angles):
 
 def block0(blob, variant, attention):
     """Block 0 of the official vision tower on the fixture's `pre_blocks`, with `attention(q, k, v, angles)`
-    standing in for RoPE + SDPA (pe_architecture.md §1.6; these fixtures have no LayerScale)."""
+    standing in for RoPE + SDPA (the official ResidualAttentionBlock; these fixtures have no LayerScale)."""
     config, state = blob["config"]["vision_cfg"], blob["state_dict"]
     prefix = "visual." if blob["config"]["model_class"] == "CLIP" else ""
     p = lambda name: state[prefix + "transformer.resblocks.0." + name]
@@ -224,10 +224,37 @@ def interpreter_strided_case():
             "dqkv": ((grad.double() - grad64).norm() / grad64.norm()).item()}
 
 
+class RopeBlock(torch.nn.Module):
+    """A PE vision block's attention half (pre-norm, fused qkv, 2D RoPE attention, projection)."""
+
+    def __init__(self, width=64, heads=2):
+        super().__init__()
+        self.heads, self.norm = heads, torch.nn.LayerNorm(width)
+        self.qkv, self.proj = torch.nn.Linear(width, 3 * width), torch.nn.Linear(width, width)
+
+    def forward(self, x, angles):
+        q, k, v = self.qkv(self.norm(x)).unflatten(-1, (3, self.heads, -1)).permute(2, 0, 3, 1, 4)
+        return x + self.proj(rope_attention(q, k, v, angles).transpose(1, 2).flatten(2))
+
+
+def interpreter_compile_case():
+    """torch.compile through the Triton attention (custom ops): graph breaks, and compiled gradients."""
+    torch.manual_seed(0)
+    block, x = RopeBlock(), torch.randn(2, 17, 64, requires_grad=True)
+    angles = rope_angles_2d(4, 4, 32, use_cls_token=True)
+    explained = torch._dynamo.explain(block)(x, angles)
+    compiled = torch.compile(block, backend="aot_eager", fullgraph=True)
+    grads = torch.autograd.grad(compiled(x, angles).square().sum(), (x, *block.parameters()))
+    eager = torch.autograd.grad(block(x, angles).square().sum(), (x, *block.parameters()))
+    return {"graph_breaks": explained.graph_break_count, "graphs": explained.graph_count,
+            "error": max(((a - b).norm() / b.norm()).item() for a, b in zip(grads, eager))}
+
+
 def interpreter_jobs():
     """Every interpreter check as (result key, function), cheapest first within each kind."""
     jobs = [(case_id(case), lambda case=case: interpreter_case(*case)) for case in INTERPRETER_CASES]
     jobs.append(("strided", interpreter_strided_case))
+    jobs.append(("compile", interpreter_compile_case))
     for name, variant in BLOCK0_CASES:  # head_dim 16: official weights, input and angle table
         def block0_error(name=name, variant=variant):
             ours, official = block0(load_fixture(name), variant, rope_attention_triton)
@@ -273,9 +300,204 @@ def test_triton_reads_strided_qkv_views(interpreter_results):
     assert all(error < 1e-4 for error in errors.values()), errors  # NaN fails too
 
 
+def test_torch_compile_traces_the_triton_attention_without_graph_break(interpreter_results):
+    result = interpreter_results["compile"]
+    assert result["graph_breaks"] == 0 and result["graphs"] == 1, result
+    assert result["error"] < 1e-5, result
+
+
 @pytest.mark.parametrize("name,variant", BLOCK0_CASES)
 def test_triton_reproduces_official_block0(interpreter_results, name, variant):
     assert interpreter_results[f"block0-{name}{variant}"] < 1e-5
+
+
+# ---------------------------------------------------------------------------------------------------
+# Ahead-of-time compiles for real GPUs (no GPU needed): Triton's own backend and bundled ptxas, with the
+# specialisations a launch gets (16-byte aligned pointers, strides divisible by 16). The default suite
+# compiles every config in bf16 at head dim 64 for sm_80 and sm_90, and one config per kernel for the other
+# cases; PE_AOT_FULL=1 compiles the whole matrix (every config, D 64 and 96, bf16 and fp32, both targets).
+
+SHARED_LIMIT = {80: 166912, 90: 232448}  # bytes of shared memory one block may use: A100, H100
+AOT_FULL = os.environ.get("PE_AOT_FULL") == "1"
+
+
+def aot_compile(kernel, specs, capability, num_warps, num_stages):
+    """Compile `kernel` for sm_<capability>. specs: arg name -> "*bf16" (pointer), "i32", "i32D" (divisible
+    by 16), "fp32", or ("c", value) for a constexpr. Returns (shared bytes, spilled bytes, MMA opcodes)."""
+    import contextlib, io, re  # noqa: E401
+    import triton
+    from triton import knobs
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    signature, constants, attrs = {}, {}, {}
+    for i, name in enumerate(kernel.arg_names):
+        spec = specs[name]
+        if isinstance(spec, tuple):
+            signature[name], constants[name] = "constexpr", spec[1]
+            continue
+        signature[name] = spec.rstrip("D")
+        if spec.startswith("*") or spec.endswith("D"):
+            attrs[(i,)] = [["tt.divisibility", 16]]
+    log, dump = io.StringIO(), knobs.nvidia.dump_ptxas_log
+    knobs.nvidia.dump_ptxas_log = True  # ptxas -v: registers and spills, printed on stdout
+    try:
+        with contextlib.redirect_stdout(log):
+            compiled = triton.compile(ASTSource(kernel, signature, constexprs=constants, attrs=attrs),
+                                      target=GPUTarget("cuda", capability, 32),
+                                      options=dict(num_warps=num_warps, num_stages=num_stages))
+    finally:
+        knobs.nvidia.dump_ptxas_log = dump
+    spills = [int(a) + int(b) for a, b in re.findall(r"(\d+) bytes spill stores, (\d+) bytes spill loads", log.getvalue())]
+    mma = set(re.findall(r"\b(?:wgmma\.mma_async|mma\.sync)[\w.]*", compiled.asm["ptx"]))
+    return compiled.metadata.shared, max(spills, default=0), mma
+
+
+def rope_specs(name, dtype, D, block_m, block_n):
+    kernel = ra._KERNELS[name]
+    specs = {"H": "i32", "N": "i32", "qk_scale": "fp32", "sm_scale": "fp32", "HEAD_DIM": ("c", D),
+             "BLOCK_M": ("c", block_m), "BLOCK_N": ("c", block_n), "BLOCK_D": ("c", 1 << (D - 1).bit_length()),
+             "DOT_PRECISION": ("c", "tf32x3" if dtype == "fp32" else "tf32"),
+             "DOT_DTYPE": ("c", getattr(ra.tl, {"fp32": "float32", "bf16": "bfloat16"}[dtype]))}
+    for arg in kernel.arg_names:
+        if arg not in specs:
+            specs[arg] = "i32D" if arg.startswith("stride") else "*fp32" if arg in ("COS", "SIN", "LSE", "DELTA") \
+                else "*" + dtype
+    return kernel, specs
+
+
+def rope_aot_cases():
+    cases = []
+    for capability in (80, 90):
+        for dtype, D in (("bf16", 64), ("bf16", 96), ("fp32", 64), ("fp32", 96)):
+            for name in ("fwd", "dq", "dkdv"):
+                for j, config in enumerate(ra._configs(name, dtype == "fp32", capability)):
+                    full_only = not (dtype == "bf16" and D == 64) and (j > 0 or capability == 80)
+                    marks = [pytest.mark.skipif(full_only and not AOT_FULL, reason="PE_AOT_FULL=1 compiles it")]
+                    cases.append(pytest.param(capability, name, dtype, D, config, marks=marks,
+                                              id=f"sm{capability}-{name}-{dtype}-D{D}-{'-'.join(map(str, config))}"))
+    return cases
+
+
+@pytest.mark.parametrize("capability,name,dtype,D,config", rope_aot_cases())
+def test_kernels_compile_for_gpus_ahead_of_time(capability, name, dtype, D, config):
+    if ra._interpreted():
+        pytest.skip("triton was imported under TRITON_INTERPRET=1 in this process: no GPU compiler")
+    block_m, block_n, warps, stages = config
+    shared, spilled, mma = aot_compile(*rope_specs(name, dtype, D, block_m, block_n), capability, warps, stages)
+    assert shared <= SHARED_LIMIT[capability], f"{shared} bytes of shared memory"
+    if dtype == "bf16" and D == 64:
+        assert spilled == 0, f"{spilled} bytes of register spills"
+    assert mma, "no tensor-core MMA in the PTX"  # bf16, and fp32 through tf32x3
+
+
+def test_rope_attention_routes_what_the_kernels_cannot_take_to_the_reference():
+    assert ra._route(True, False, 64, torch.bfloat16) == "triton"
+    assert ra._route(False, True, 64, torch.float32) == "triton"  # interpreter
+    assert ra._route(False, False, 64, torch.bfloat16) == "reference"  # CPU
+    for D in (8, 15, 33, 256):  # too small for tl.dot, odd, too large: the reference, never a crash
+        assert ra._route(True, False, D, torch.bfloat16) == "reference"
+    assert ra._route(True, False, 64, torch.float32) == ra.FP32_CUDA_PATH
+
+
+class GridRecorder:
+    """Stands in for ra._launch: records each launch's grid for every tile config it could get, no run."""
+
+    def __init__(self):
+        self.grids = []
+
+    def __call__(self, name, grid, fp32, *args, **kwargs):
+        configs = ra._configs(name, fp32, 80) + ra._configs(name, fp32, 90)
+        metas = [kwargs] if "BLOCK_M" in kwargs else [{"BLOCK_M": bm, "BLOCK_N": bn} for bm, bn, _, _ in configs]
+        self.grids += [grid(meta) for meta in metas]
+
+
+def test_launch_grids_stay_within_cuda_limits_at_70000_batch_heads(monkeypatch):
+    recorder = GridRecorder()
+    monkeypatch.setattr(ra, "_launch", recorder)
+    q = torch.randn(7000, 10, 1, 16)  # B*H = 70,000 > 65,535, tiny N and D
+    angles = rope_angles_2d(1, 1, 16, use_cls_token=False)
+    o, lse = ra._fwd_op(q, q, q, angles)  # the custom ops run on CPU tensors here: the launches are recorded
+    ra._bwd_op(q, q, q, angles, o, lse, q)
+    assert len(recorder.grids) >= 3
+    for grid in recorder.grids:
+        assert grid[0] == 70000 and all(size < 65536 for size in grid[1:]), grid
+
+
+# ---------------------------------------------------------------------------------------------------
+# On a CUDA GPU (skipped without one; bench/gpu_check.py runs them).
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+CUDA_TOLERANCE = {"float32": 1e-4, "bfloat16": 2e-2, "float16": 5e-3}
+
+
+def cuda_errors(dtype, B, H, N, D, attention=rope_attention_triton):
+    """Relative errors of out, dq, dk, dv against float64, q, k, v strided views of one fused projection and
+    a non-contiguous output gradient."""
+    generator = torch.Generator(device="cuda").manual_seed(N * 100 + D)
+    qkv = torch.randn(B, N, 3, H, D, device="cuda", generator=generator).to(dtype)
+    grad_out = torch.randn(B, N, H, D, device="cuda", generator=generator).to(dtype).transpose(1, 2)
+    angles = (torch.rand(N, D // 2, device="cuda", generator=generator) * 60 - 30).repeat_interleave(2, dim=-1)
+    results = []
+    for attend, fused in ((attention, qkv.clone().requires_grad_()), (attention64, qkv.double().requires_grad_())):
+        out = attend(*fused.permute(2, 0, 3, 1, 4), angles)
+        results.append((out, torch.autograd.grad(out, fused, grad_out.to(out.dtype))[0]))
+    (out, grad), (out64, grad64) = results
+    scale = grad64.norm().clamp_min(1e-30)
+    return {"out": ((out.double() - out64).norm() / out64.norm()).item(),
+            "dqkv": ((grad.double() - grad64).norm() / scale).item()}
+
+
+@cuda
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16", "float32"])
+@pytest.mark.parametrize("N", [1, 17, 197, 257, 577, 1025])
+@pytest.mark.parametrize("D", [16, 64, 96])
+def test_cuda_fused_attention_matches_float64(dtype, N, D):
+    errors = cuda_errors(getattr(torch, dtype), 2, 3, N, D)
+    assert all(error < CUDA_TOLERANCE[dtype] for error in errors.values()), errors
+
+
+@cuda
+@pytest.mark.parametrize("fp32", [False, True])
+@pytest.mark.parametrize("name", ["fwd", "dq", "dkdv"])
+def test_cuda_every_autotune_config_launches(monkeypatch, fp32, name):
+    major, minor = torch.cuda.get_device_capability()
+    for config in ra._configs(name, fp32, 10 * major + minor):
+        monkeypatch.setattr(ra, "_launchers", {})
+        monkeypatch.setattr(ra, "_configs", lambda n, f, c, only=config, real=ra._configs: [only] if n == name
+                            else real(n, f, c))
+        dtype = torch.float32 if fp32 else torch.bfloat16
+        errors = cuda_errors(dtype, 2, 2, 257, 64)
+        assert all(error < CUDA_TOLERANCE[str(dtype)[6:]] for error in errors.values()), (config, errors)
+        monkeypatch.undo()
+
+
+@cuda
+def test_cuda_65536_batch_heads():
+    errors = cuda_errors(torch.bfloat16, 4096, 16, 3, 16)
+    assert all(error < 2e-2 for error in errors.values()), errors
+
+
+@cuda
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_cuda_block_under_bf16_autocast(checkpointing):
+    torch.manual_seed(0)
+    block, x = RopeBlock(128, 2).cuda(), torch.randn(4, 197, 128, device="cuda", requires_grad=True)
+    angles = rope_angles_2d(14, 14, 64, use_cls_token=True, device="cuda")
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        out = torch.utils.checkpoint.checkpoint(block, x, angles, use_reentrant=False) if checkpointing \
+            else block(x, angles)
+    grads = torch.autograd.grad(out.float().square().sum(), (x, *block.parameters()))
+    reference = RopeBlock(128, 2).cuda()
+    reference.load_state_dict(block.state_dict())
+    monkey = ra.rope_attention_triton
+    try:
+        ra.rope_attention_triton = rope_attention_reference  # the same block, rotate-then-SDPA
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            expected = torch.autograd.grad(reference(x, angles).float().square().sum(), (x, *reference.parameters()))
+    finally:
+        ra.rope_attention_triton = monkey
+    for ours, theirs in zip(grads, expected):
+        assert ((ours - theirs).norm() / theirs.norm()).item() < 3e-2
 
 
 if __name__ == "__main__":  # python tests/test_rope_attention.py SHARD SHARDS, with TRITON_INTERPRET=1

@@ -1,7 +1,8 @@
 """video_engine.py: frame sampling through the engine on files of known length (longer and shorter than T),
 bad videos skipped and counted, resuming without recaptioning, human-refined captions merged, the extractive
-summariser, every shard read back by data.TarShards, and a short finetuning lowering the video-text loss.
-A small random-weight PE-Core-Nano8-64 checkpoint stands in for train_clip.py's.
+summariser, every shard read back by data.TarShards, a short finetuning lowering the video-text loss and its
+exact resume, the captioner / summariser plug-ins (module:function), and evaluate.py run as a separate process
+(skipped without it). A small random-weight PE-Core-Nano8-64 checkpoint stands in for train_clip.py's.
 
 Run: python -m pytest -q tests/test_video_engine.py
 """
@@ -20,6 +21,7 @@ sys.path.insert(0, ROOT)
 import data  # noqa: E402
 import pe_model  # noqa: E402
 import video_engine  # noqa: E402
+from kernels.contrastive_loss import contrastive_loss  # noqa: E402
 
 NUM_FRAMES = 4  # frames per video in these tests (the engine's default is the paper's 8)
 
@@ -66,6 +68,20 @@ def grey_video(path, num_frames, step=12):
     return path
 
 
+def read_shards(shard_dir, num_frames=NUM_FRAMES, image_size=64):
+    """Every sample of the engine's shards as (frames (T, 3, S, S), caption, key, record), in shard order, through
+    data.TarShards' video mode (what the finetuning reads)."""
+    shards = data.TarShards(shard_dir, image_size=image_size, media="video", num_frames=num_frames, with_meta=True,
+                            shuffle_shards=False, rank=0, world_size=1)
+    return list(shards), shards.bad
+
+
+def video_text_loss(model, videos, tokens):
+    """The CLIP loss of videos (B, T, 3, S, S) against their captions' tokens (B, L), as the finetuning computes it."""
+    features, text, logit_scale = model(videos.flatten(0, 1), tokens)
+    return contrastive_loss(video_engine.pool_videos(features, len(videos), videos.shape[1]), text, logit_scale)
+
+
 def config(tmp_path, **overrides):
     cfg = video_engine.VideoEngineConfig(out_dir=str(tmp_path / "out"), num_frames=NUM_FRAMES, shard_size=2)
     for name, value in overrides.items():
@@ -82,8 +98,8 @@ def test_frame_sampling_indices_and_counts(tmp_path, total):
         seen.append(frames)
         return "x"
 
-    video_engine.caption_videos([("clip", path)], str(tmp_path / "records"), recording_captioner, NUM_FRAMES,
-                                progress=False)
+    video_engine.caption_videos([("clip", path)], str(tmp_path / "records"), recording_captioner,
+                                data.BadSamples("test"), NUM_FRAMES, progress=False)
     record = video_engine.read_record(str(tmp_path / "records"), "clip")
     expected = [int(i * total / NUM_FRAMES) for i in range(NUM_FRAMES)]  # 3 frames: [0, 0, 1, 2]
     assert record["frame_indices"] == expected
@@ -107,7 +123,7 @@ def test_corrupt_and_empty_videos_are_skipped_and_counted(tmp_path):
     assert result["bad"].counts == {"bad_video": 2}
     assert sorted(result["bad"].keys["bad_video"]) == sorted([str(folder / "corrupt.mp4"), str(folder / "empty.mp4")])
     assert result["videos"] == 4 and result["captioned"] == 2
-    samples, bad = video_engine.read_shards(os.path.join(cfg.out_dir, "shards"), NUM_FRAMES, 64)
+    samples, bad = read_shards(os.path.join(cfg.out_dir, "shards"), NUM_FRAMES, 64)
     assert sorted(key for _, _, key, _ in samples) == ["good1", "good2"] and bad.total() == 0
 
 
@@ -192,7 +208,7 @@ def embedded_run(tmp_path_factory, model):
 def test_every_shard_written_reads_back(embedded_run):
     cfg, result = embedded_run
     assert len(result["shards"]) == 3  # 6 videos, 2 per shard
-    samples, bad = video_engine.read_shards(os.path.join(cfg.out_dir, "shards"), NUM_FRAMES, 64)
+    samples, bad = read_shards(os.path.join(cfg.out_dir, "shards"), NUM_FRAMES, 64)
     assert bad.total() == 0
     keys = sorted(os.path.splitext(name)[0] for name in os.listdir(os.path.join(cfg.out_dir, "records")))
     assert sorted(key for _, _, key, _ in samples) == keys
@@ -208,20 +224,20 @@ def test_every_shard_written_reads_back(embedded_run):
 def test_short_finetuning_lowers_the_video_text_loss(embedded_run, model, tmp_path):
     cfg, _ = embedded_run
     shard_dir = os.path.join(cfg.out_dir, "shards")
-    samples, _ = video_engine.read_shards(shard_dir, NUM_FRAMES, 64)
+    samples, _ = read_shards(shard_dir, NUM_FRAMES, 64)
     videos = torch.stack([frames for frames, _, _, _ in samples])  # (6, T, 3, 64, 64)
     tokens = pe_model.tokenize([caption for _, caption, _, _ in samples])
     start = pe_model.build_model(pe_model.get_config(model))
     start.load_state_dict(model.state_dict())
     with torch.no_grad():
-        before = video_engine.video_text_loss(start, videos, tokens).item()
+        before = video_text_loss(start, videos, tokens).item()
     tune = dataclasses.replace(cfg, out_dir=str(tmp_path), steps=5, lr=3e-3, warmup_steps=1, video_batch_size=6,
                                image_batch_size=2)
     result = video_engine.finetune(tune, start, shard_dir, progress=False)
     assert len(result["losses"]) == 5
     tuned = pe_model.load_model(result["path"]).eval()
     with torch.no_grad():
-        after = video_engine.video_text_loss(tuned, videos, tokens).item()
+        after = video_text_loss(tuned, videos, tokens).item()
     assert after < before - 0.1, (before, after)
 
 
@@ -254,24 +270,61 @@ def test_resumed_finetuning_reproduces_the_uninterrupted_run(embedded_run, model
         torch.testing.assert_close(resumed_weights[key], value, atol=1e-6, rtol=0, msg=key)
 
 
-def test_an_align_lang_checkpoint_captions_and_summarises(core_checkpoint, tmp_path):
-    """The paper's set-up (§2.2): a language-aligned model captions the frames and clips and an LM summarises.
-    A VLM with a compact vocabulary (what align_lang.py trains from scratch) must caption with its own
-    tokenizer; both return text."""
-    import align_lang
+def test_captioner_and_summarizer_plugins_load_module_function(tmp_path, monkeypatch):
+    """--captioner=MODULE:FUNCTION: FUNCTION(--captioner_checkpoint, device) makes the captioner, whose name the
+    records keep; a --captioner_checkpoint alone means align_lang's plug-in; a bad spec stops with the option."""
+    (tmp_path / "tiny_plugin.py").write_text(
+        "def make_captioner(checkpoint, device):\n"
+        "    def captioner(frames):\n"
+        "        return f'{len(frames)} frames'\n"
+        "    captioner.name = f'tiny:{checkpoint}:{device}'\n"
+        "    return captioner\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    folder = tmp_path / "videos"
+    folder.mkdir()
+    grey_video(str(folder / "a.mp4"), 6)
+    cfg = config(tmp_path, videos=str(folder), captioner="tiny_plugin:make_captioner", captioner_checkpoint="vlm.pt")
+    video_engine.run_engine(cfg, None, summarizer=first_caption, progress=False)  # no vocabulary needed
+    record = video_engine.read_record(os.path.join(cfg.out_dir, "records"), "a")
+    assert record["captioner"] == "tiny:vlm.pt:cpu"
+    assert record["frame_captions"] == ["1 frames"] * NUM_FRAMES and record["caption"] == f"{NUM_FRAMES} frames"
+    with pytest.raises(SystemExit, match=r"--summarizer=tiny_plugin:missing: cannot load"):
+        video_engine.load_component("tiny_plugin:missing", "", "summarizer", "cpu")
+    specs = []
+    monkeypatch.setattr(video_engine.training, "load_plugin",
+                        lambda spec, option: specs.append(spec) or (lambda checkpoint, device: checkpoint))
+    assert video_engine.load_component("", "vlm.pt", "captioner", "cpu") == "vlm.pt"
+    assert video_engine.load_component("", "lm.pt", "summarizer", "cpu") == "lm.pt"
+    assert video_engine.load_component("", "", "captioner", "cpu") is None  # the built-in default
+    assert specs == ["align_lang:make_captioner", "align_lang:make_summarizer"]
 
-    state, vision_cfg = align_lang.read_core_checkpoint(core_checkpoint)
-    vision = align_lang.build_vision_tower(state, vision_cfg, 2)
-    vocab = align_lang.build_vocab(["describe the image.", "an emoji of a turtle.", "a video of a turtle moving left."])
-    torch.manual_seed(0)
-    lm = align_lang.Llama(align_lang.LlamaArgs(dim=32, n_layers=1, n_heads=4, n_kv_heads=2, vocab_size=len(vocab),
-                                               multiple_of=16))
-    vlm = align_lang.VLM(vision, align_lang.MLPProjector(vision.width, lm.args.dim, 2), lm)
-    path = str(tmp_path / "vlm.pt")
-    align_lang.save_vlm(vlm, path, align_lang.LangConfig(max_new_tokens=4), {}, vocab)
-    frames = torch.from_numpy(np.full((NUM_FRAMES, 40, 40, 3), 120, np.uint8))
-    captioner = video_engine.load_vlm_captioner(path, "cpu")
-    assert isinstance(captioner(frames[:1]), str) and isinstance(captioner(frames), str)
-    summarizer = video_engine.load_lm_summarizer(path, "cpu")
-    assert isinstance(summarizer(["an emoji of a turtle."], "a video of a turtle moving left.", {"fps": 8}), str)
-    assert captioner.name == summarizer.name == f"align_lang:{os.path.abspath(path)}"
+
+FAKE_EVALUATE = """
+import json, os, sys
+args = dict(arg[2:].partition("=")[::2] for arg in sys.argv[1:])
+os.makedirs(args["out_dir"], exist_ok=True)
+result = {"top1": float(len(args["checkpoint"])), "argv": sys.argv[1:], "world_size": os.environ["WORLD_SIZE"]}
+found = {"checkpoints": [{"video_zero_shot": result}]} if "multi" in args["checkpoint"] else {"video_zero_shot": result}
+with open(os.path.join(args["out_dir"], "results.json"), "w") as f:
+    json.dump(found, f)
+sys.exit(3 if "broken" in args["checkpoint"] else 0)
+"""
+
+
+def test_video_zero_shot_runs_evaluate_py_as_a_process_or_is_skipped(tmp_path, capsys, monkeypatch):
+    """Stages report, evaluate.py evaluates: one `evaluate.py --video_zero_shot --checkpoint=X --out_dir=DIR`
+    process per checkpoint (printed, outside torchrun's process group), its results.json read back (one
+    checkpoint's, or several side by side); a failed run gives None; no evaluate.py: skipped with a message."""
+    script, out_dir = tmp_path / "evaluate.py", str(tmp_path / "eval")
+    assert video_engine.evaluate_video_zero_shot([("a.pt", "")], out_dir, script=str(script)) is None
+    assert "video zero-shot skipped: no " in capsys.readouterr().out
+    script.write_text(FAKE_EVALUATE)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    results = video_engine.evaluate_video_zero_shot([("a.pt", "PE-Core-B16-224"), ("multi.pt", ""), ("broken.pt", "")],
+                                                    out_dir, script=str(script))
+    assert [r and r["top1"] for r in results] == [4.0, 8.0, None]
+    assert results[0]["argv"] == ["--video_zero_shot", "--checkpoint=a.pt", f"--out_dir={out_dir}",
+                                  "--model=PE-Core-B16-224"] and results[0]["world_size"] == "1"
+    printed = capsys.readouterr().out
+    assert f"evaluate.py --video_zero_shot --checkpoint=multi.pt --out_dir={out_dir}" in printed
+    assert "video zero-shot of broken.pt: evaluate.py failed" in printed

@@ -1,10 +1,7 @@
-"""
-The Perception Encoder (PE) model: vision tower, text tower, CLIP, tokenizer, zero-shot prompt ensemble,
-preprocessing, building and loading. Bolya et al. 2025, "Perception Encoder: The best visual embeddings are
-not at the output of the network" (arXiv 2504.13181), written from the paper and the official code's
-architecture (facebookresearch/perception_models, core/vision_encoder/pe.py) and checked against its outputs
-(tests/fixtures, 1e-5 in float32). Parameter names, shapes and state_dict keys are the official ones, so
-official checkpoints load strict with no conversion, and ours load into the official code.
+"""The Perception Encoder (PE) model (Bolya et al. 2025, arXiv 2504.13181): vision and text towers, CLIP, tokenizer,
+zero-shot prompt ensemble, preprocessing, building and loading. Written from the paper and the official code
+(facebookresearch/perception_models, core/vision_encoder/pe.py), checked against its outputs (tests/fixtures, 1e-5
+in float32). Official state_dict keys: official checkpoints load strict, ours load into the official code.
 
     import pe_model
     model = pe_model.CLIP.from_config("PE-Core-B16-224", checkpoint_path="PE-Core-B16-224.pt")  # strict
@@ -31,11 +28,10 @@ import torch.nn.functional as F
 
 from kernels.rope_attention import rope_angles_2d, rope_attention
 
+
 # ---------------------------------------------------------------------------------------------------------
 # Configs. Field names are the official PEConfig / PETextConfig constructor arguments, so a config dict from
 # the official code (or from our checkpoints and fixtures) maps onto them one to one.
-
-
 @dataclass
 class PEConfig:
     """Vision tower (official `VisionTransformer` arguments)."""
@@ -83,8 +79,7 @@ def _headless(patch, size, width, layers, heads, cls=True, ls=None, ratio=4.0): 
                     use_cls_token=cls, pool_type="none", use_ln_post=False)
 
 
-# Every released configuration, by its official name (official core/vision_encoder/config.py). Core models
-# are CLIP models (vision + text); Lang and Spatial models are vision towers only.
+# Every released config by its official name (official core/vision_encoder/config.py); Lang, Spatial: towers only.
 VISION_CONFIGS = {
     "PE-Core-T16-384": _core(16, 384, 192, 12, 3, 512),
     "PE-Core-S16-384": _core(16, 384, 384, 12, 6, 512),
@@ -101,8 +96,7 @@ VISION_CONFIGS = {
     "PE-Spatial-B16-512": _headless(16, 512, 768, 12, 12),
     "PE-Spatial-L14-448": _headless(14, 448, 1024, 24, 16),
     "PE-Spatial-G14-448": _headless(14, 448, 1536, 50, 16, cls=False, ls=0.1, ratio=G_MLP_RATIO),
-    # Small configs that train on a CPU in minutes; the defaults of the stage scripts. Same architecture
-    # as the released ones (cls token, 2D RoPE, attention pooling), only narrower and shallower.
+    # The stage scripts' defaults, trained on a CPU in minutes: the released architecture, narrower and shallower
     "PE-Core-Nano8-64": _core(8, 64, 128, 6, 4, 128),
     "PE-Core-Micro8-64": _core(8, 64, 192, 8, 6, 256),
 }
@@ -122,31 +116,25 @@ def model_config(name):
     """The config dict of a named model, in the format of the fixtures and of our checkpoints."""
     if name not in VISION_CONFIGS:
         raise ValueError(f"unknown model {name!r}; known: {', '.join(VISION_CONFIGS)}")
-    config = {"model_class": "CLIP" if name in TEXT_CONFIGS else "VisionTransformer",
-              "vision_cfg": asdict(VISION_CONFIGS[name])}
-    if name in TEXT_CONFIGS:
-        config["text_cfg"] = asdict(TEXT_CONFIGS[name])
-        config["init_logit_scale"] = INIT_LOGIT_SCALE
-    return config
+    text = ({"text_cfg": asdict(TEXT_CONFIGS[name]), "init_logit_scale": INIT_LOGIT_SCALE}
+            if name in TEXT_CONFIGS else {})
+    return {"model_class": "CLIP" if text else "VisionTransformer", "vision_cfg": asdict(VISION_CONFIGS[name]), **text}
 
 
 # ---------------------------------------------------------------------------------------------------------
 # Tokenizer: OpenAI CLIP's byte-level BPE, which PE uses unchanged (the official tokenizer). The merges file
 # ships in assets/ (MIT, see assets/LICENSE-bpe_simple_vocab.txt), so nothing is downloaded.
-
 BPE_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "bpe_simple_vocab_16e6.txt.gz")
 SOT_TOKEN_ID, EOT_TOKEN_ID, PAD_TOKEN_ID = 49406, 49407, 0
-SPECIAL_TOKENS = ("<start_of_text>", "<end_of_text>")  # ids 49406, 49407
+SPECIAL_TOKENS = ("<start_of_text>", "<end_of_text>")  # ids 49406, 49407; official (open_clip), not <|startoftext|>
 
 
 def _byte_to_unicode():
-    """Map each of the 256 bytes to a printable unicode character, so BPE runs on strings without
-    whitespace or control characters. Printable latin-1 bytes map to themselves, the rest to 256 + n."""
+    """Map each of the 256 bytes to a printable unicode character, so BPE runs on strings without whitespace or
+    control characters: printable latin-1 bytes to themselves, then the rest to 256 + n (the first 256 ids' order)."""
     printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
-    mapping = {b: chr(b) for b in printable}  # order matters: it is the order of the first 256 vocabulary ids
-    others = [b for b in range(256) if b not in mapping]
-    mapping.update({b: chr(256 + n) for n, b in enumerate(others)})
-    return mapping
+    others = [b for b in range(256) if b not in printable]
+    return {**{b: chr(b) for b in printable}, **{b: chr(256 + n) for n, b in enumerate(others)}}
 
 
 class SimpleTokenizer:
@@ -154,7 +142,6 @@ class SimpleTokenizer:
 
     def __init__(self, bpe_path=BPE_PATH):
         import regex  # the \p{L} / \p{N} classes of the pattern need the `regex` module
-
         self.byte_encoder = _byte_to_unicode()
         self.byte_decoder = {c: b for b, c in self.byte_encoder.items()}
         with gzip.open(bpe_path, "rt", encoding="utf-8") as f:
@@ -162,8 +149,7 @@ class SimpleTokenizer:
         # the first line is a header; the vocabulary keeps 49152 - 256 - 2 merges (OpenAI's choice)
         merges = [tuple(line.split()) for line in lines[1 : 49152 - 256 - 2 + 1]]
         symbols = list(self.byte_encoder.values())
-        vocab = symbols + [s + "</w>" for s in symbols] + ["".join(m) for m in merges]
-        vocab += list(SPECIAL_TOKENS)  # the official (open_clip) names, not OpenAI's <|startoftext|>
+        vocab = symbols + [s + "</w>" for s in symbols] + ["".join(m) for m in merges] + list(SPECIAL_TOKENS)
         self.encoder = {token: i for i, token in enumerate(vocab)}
         self.decoder = {i: token for token, i in self.encoder.items()}
         self.bpe_ranks = {merge: i for i, merge in enumerate(merges)}
@@ -179,9 +165,7 @@ class SimpleTokenizer:
     @staticmethod
     def clean(text):
         import ftfy
-
-        text = ftfy.fix_text(text)
-        text = html.unescape(html.unescape(text)).strip()  # twice: captions scraped from HTML are often double-escaped
+        text = html.unescape(html.unescape(ftfy.fix_text(text))).strip()  # twice: scraped text is often double-escaped
         return re.sub(r"\s+", " ", text).strip().lower()
 
     def bpe(self, token):
@@ -195,16 +179,12 @@ class SimpleTokenizer:
                 break
             merged, i = [], 0
             while i < len(word):
-                if i < len(word) - 1 and (word[i], word[i + 1]) == best:
-                    merged.append(word[i] + word[i + 1])
-                    i += 2
-                else:
-                    merged.append(word[i])
-                    i += 1
+                pair = i < len(word) - 1 and (word[i], word[i + 1]) == best
+                merged.append(word[i] + word[i + 1] if pair else word[i])
+                i += 2 if pair else 1
             word = merged
-        result = " ".join(word)
-        self.cache[token] = result
-        return result
+        self.cache[token] = " ".join(word)
+        return self.cache[token]
 
     def encode(self, text):
         """BPE ids of a text, without start and end tokens."""
@@ -215,8 +195,7 @@ class SimpleTokenizer:
         return ids
 
     def decode(self, ids):
-        text = "".join(self.decoder[int(i)] for i in ids)
-        data = bytearray(self.byte_decoder[c] for c in text)
+        data = bytearray(self.byte_decoder[c] for c in "".join(self.decoder[int(i)] for i in ids))
         return data.decode("utf-8", errors="replace").replace("</w>", " ")
 
 
@@ -228,15 +207,11 @@ def get_tokenizer():
 def tokenize(texts, context_length=32):
     """Texts -> LongTensor (len(texts), context_length): [SOT] + BPE + [EOT], zero-padded; an over-long text
     is truncated and its last id forced to EOT, as the official tokenizer does. Context 32 (72 for G)."""
-    if isinstance(texts, str):
-        texts = [texts]
-    tokenizer = get_tokenizer()
+    texts = [texts] if isinstance(texts, str) else texts
     out = torch.zeros(len(texts), context_length, dtype=torch.long)
     for row, text in enumerate(texts):
-        ids = [SOT_TOKEN_ID] + tokenizer.encode(text) + [EOT_TOKEN_ID]
-        if len(ids) > context_length:
-            ids = ids[:context_length]
-            ids[-1] = EOT_TOKEN_ID
+        ids = [SOT_TOKEN_ID] + get_tokenizer().encode(text) + [EOT_TOKEN_ID]
+        ids = ids if len(ids) <= context_length else ids[: context_length - 1] + [EOT_TOKEN_ID]
         out[row, : len(ids)] = torch.tensor(ids)
     return out
 
@@ -251,9 +226,8 @@ def format_prompt(template, name):
 
 @torch.no_grad()
 def zero_shot_classifier(model, class_names, templates, batch_size=256, device="cpu", encode_text=None):
-    """The zero-shot classifier (C, D): per class, the mean of the L2-normalised text embeddings of its name in
-    every template, renormalised (CLIP's prompt ensemble, as the official benchmark). encode_text(tokens) ->
-    normalised features defaults to model.encode_text (a wrapped training model passes its own forward)."""
+    """The zero-shot classifier (C, D): per class, the renormalised mean of the normalised text embeddings of its name
+    in every template (CLIP's prompt ensemble). encode_text(tokens) -> normalised features (a wrapped model's own)."""
     encode_text = encode_text or (lambda tokens: model.encode_text(tokens, normalize=True))
     tokens = tokenize([format_prompt(t, name) for name in class_names for t in templates], model.context_length)
     tokens = tokens[:, : max(1, int((tokens != PAD_TOKEN_ID).sum(dim=1).max()))]  # exact: the tower is causal
@@ -263,13 +237,10 @@ def zero_shot_classifier(model, class_names, templates, batch_size=256, device="
 
 # ---------------------------------------------------------------------------------------------------------
 # Preprocessing (the official transforms): squash resize (aspect ratio not kept), bilinear, mean = std = 0.5.
-
-
 def preprocess_image(image, image_size, center_crop=False):
     """PIL image -> float tensor (3, H, W) in [-1, 1], as the official transform. `image_size` is an int
     (square) or (H, W). center_crop: resize the short side to the size, then crop the centre."""
     from PIL import Image
-
     height, width = (image_size, image_size) if isinstance(image_size, int) else image_size
     image = image.convert("RGB")
     if center_crop:
@@ -294,8 +265,6 @@ def sample_frame_indices(total_frames, num_frames=8):
 
 # ---------------------------------------------------------------------------------------------------------
 # Building blocks. Attribute names reproduce the official state_dict keys.
-
-
 class LayerScale(nn.Module):
     def __init__(self, width, init_value):
         super().__init__()
@@ -320,9 +289,8 @@ class DropPath(nn.Module):
 
 
 class Attention(nn.Module):
-    """Multi-head attention with one fused q/k/v input projection (the keys of nn.MultiheadAttention:
-    in_proj_weight (3W, W), in_proj_bias, out_proj). Used for the vision blocks (with 2D RoPE), the text
-    blocks (causal) and attention pooling (a query attending over the tokens)."""
+    """Multi-head attention with one fused q/k/v projection (nn.MultiheadAttention's keys: in_proj_weight (3W, W),
+    in_proj_bias, out_proj): vision blocks (2D RoPE), text blocks (causal), attention pooling (a probe's query)."""
 
     def __init__(self, width, heads):
         super().__init__()
@@ -335,21 +303,16 @@ class Attention(nn.Module):
         nn.init.zeros_(self.out_proj.bias)
 
     def forward(self, x, rope_angles=None, causal=False, query=None):
-        # x: (B, N, W) tokens; query: (B, M, W) or None for self-attention
-        batch, length, width = x.shape
+        width = x.shape[-1]  # x: (B, N, W) tokens; query: (B, M, W), or None for self-attention
         if query is None:
             q, k, v = F.linear(x, self.in_proj_weight, self.in_proj_bias).chunk(3, dim=-1)
         else:
-            weight_q, weight_kv = self.in_proj_weight.split([width, 2 * width])
-            bias_q, bias_kv = self.in_proj_bias.split([width, 2 * width])
-            q = F.linear(query, weight_q, bias_q)
-            k, v = F.linear(x, weight_kv, bias_kv).chunk(2, dim=-1)
-        # (B, N, W) -> (B, H, N, W/H)
-        q, k, v = (t.unflatten(-1, (self.heads, -1)).transpose(1, 2) for t in (q, k, v))
-        if rope_angles is not None:
-            out = rope_attention(q, k, v, rope_angles)  # fused Triton kernel on CUDA, rotate + SDPA on CPU
-        else:
-            out = F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+            (w_q, w_kv), (b_q, b_kv) = (p.split([width, 2 * width]) for p in (self.in_proj_weight, self.in_proj_bias))
+            q = F.linear(query, w_q, b_q)
+            k, v = F.linear(x, w_kv, b_kv).chunk(2, dim=-1)
+        q, k, v = (t.unflatten(-1, (self.heads, -1)).transpose(1, 2) for t in (q, k, v))  # (B, H, N, W/H)
+        out = (rope_attention(q, k, v, rope_angles) if rope_angles is not None  # Triton on CUDA, rotate + SDPA on CPU
+               else F.scaled_dot_product_attention(q, k, v, is_causal=causal))
         return self.out_proj(out.transpose(1, 2).flatten(2))  # (B, H, M, W/H) -> (B, M, W)
 
 
@@ -396,15 +359,13 @@ class Transformer(nn.Module):
         return block(x, rope_angles=rope_angles, causal=causal)
 
     def forward(self, x, rope_angles=None, causal=False, stop_after=None):
-        last = len(self.resblocks) - 1 if stop_after is None else stop_after
-        for i in range(last + 1):
+        for i in range(len(self.resblocks) if stop_after is None else stop_after + 1):
             x = self.run_block(i, x, rope_angles, causal)
         return x
 
 
 class AttentionPooling(nn.Module):
-    """A learned probe attends over all tokens (no residual around the attention), then a residual MLP with
-    ratio 4 whatever the tower's ratio (official AttentionPooling)."""
+    """A learned probe attends over all tokens (no residual), then a residual MLP of ratio 4 (official code)."""
 
     def __init__(self, width, heads, num_probe=1, mlp_ratio=4.0):
         super().__init__()
@@ -420,8 +381,6 @@ class AttentionPooling(nn.Module):
 
 # ---------------------------------------------------------------------------------------------------------
 # Vision tower (official `VisionTransformer`).
-
-
 class VisionTransformer(nn.Module):
     def __init__(self, patch_size, width, layers, heads, mlp_ratio, output_dim=None, ls_init_value=None,
                  drop_path=0.0, image_size=224, use_abs_posemb=True, use_cls_token=False, use_rope2d=True,
@@ -436,14 +395,12 @@ class VisionTransformer(nn.Module):
         self.output_dim, self.pool_type, self.use_cls_token = output_dim, pool_type, use_cls_token
         self.use_rope2d = use_rope2d
         scale = width**-0.5
-
         self.conv1 = nn.Conv2d(3, width, kernel_size=patch_size, stride=patch_size, bias=False)
         if use_cls_token:
             self.class_embedding = nn.Parameter(scale * torch.randn(width))
         self.posemb_grid = image_size // patch_size
         if use_abs_posemb:
-            self.positional_embedding = nn.Parameter(
-                scale * torch.randn(int(use_cls_token) + self.posemb_grid**2, width))
+            self.positional_embedding = nn.Parameter(scale * torch.randn(use_cls_token + self.posemb_grid**2, width))
         self.ln_pre = nn.LayerNorm(width, eps=1e-5) if use_ln_pre else nn.Identity()
         self.transformer = Transformer(width, layers, heads, mlp_ratio, ls_init_value, drop_path)
         self.ln_post = nn.LayerNorm(width, eps=1e-5) if use_ln_post else nn.Identity()
@@ -458,8 +415,7 @@ class VisionTransformer(nn.Module):
 
     @classmethod
     def from_config(cls, name, checkpoint_path=None, **load_kwargs):
-        """A named vision tower (a Core name gives its tower; a full CLIP checkpoint loads into it); weights
-        from `checkpoint_path` if given."""
+        """A named vision tower (a Core name gives its tower), with weights from `checkpoint_path` if given."""
         model = cls(**model_config(name)["vision_cfg"])
         return load_checkpoint(model, checkpoint_path, **load_kwargs) if checkpoint_path is not None else model
 
@@ -493,9 +449,8 @@ class VisionTransformer(nn.Module):
             x = torch.cat([self.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1), x], dim=1)
         if hasattr(self, "positional_embedding"):
             x = x + self.interpolated_posemb(grid_h, grid_w).to(x.dtype)
-        angles = None
-        if self.use_rope2d:
-            angles = rope_angles_2d(grid_h, grid_w, self.width // self.heads, self.use_cls_token).to(x.device)
+        head_dim = self.width // self.heads
+        angles = rope_angles_2d(grid_h, grid_w, head_dim, self.use_cls_token).to(x.device) if self.use_rope2d else None
         return self.ln_pre(x), angles
 
     def _finish(self, x, norm, strip_cls_token):
@@ -510,9 +465,8 @@ class VisionTransformer(nn.Module):
         return self._finish(x, norm, strip_cls_token)
 
     def forward_all_layers(self, x, norm=False, strip_cls_token=False):
-        """The tokens of every block from ONE forward pass: a list of `layers` tensors (B, N, W), entry i equal
-        to forward_features(x, layer_idx=i, norm=norm, strip_cls_token=strip_cls_token). For layer-wise probing
-        (the official API needs one forward pass per layer)."""
+        """Every block's tokens from ONE forward pass (layer-wise probing; the official API needs one pass per layer):
+        `layers` tensors (B, N, W), entry i = forward_features(x, layer_idx=i, norm=..., strip_cls_token=...)."""
         x, angles = self.embed(x)
         outputs = []
         for i in range(self.layers):
@@ -528,9 +482,7 @@ class VisionTransformer(nn.Module):
             x = x[:, 0]
         elif self.pool_type == "avg":
             x = x.mean(dim=1)
-        if self.output_dim is not None:
-            x = x @ self.proj
-        return x
+        return x @ self.proj if self.output_dim is not None else x
 
     def forward(self, x, **kwargs):
         return self.pool(self.forward_features(x, norm=True, **kwargs))
@@ -539,8 +491,6 @@ class VisionTransformer(nn.Module):
 # ---------------------------------------------------------------------------------------------------------
 # Text tower (official `TextTransformer`): causal, no RoPE, no LayerScale; pooled at
 # the highest token id (the end-of-text token), projected by a raw (W_t, D) matrix.
-
-
 class TextTransformer(nn.Module):
     def __init__(self, context_length=32, width=512, heads=8, layers=12, output_dim=512, mlp_ratio=4.0,
                  vocab_size=49408):
@@ -564,8 +514,7 @@ class TextTransformer(nn.Module):
 
     def encode_text(self, text, normalize=False):
         x = self.encode_text_tokens(text)
-        x = x[torch.arange(x.shape[0], device=x.device), text.argmax(dim=-1)]  # the EOT token: highest id
-        x = x @ self.text_projection
+        x = x[torch.arange(x.shape[0], device=x.device), text.argmax(dim=-1)] @ self.text_projection  # EOT: highest id
         return F.normalize(x, dim=-1) if normalize else x
 
 
@@ -573,12 +522,10 @@ class CLIP(TextTransformer):
     """Vision tower `visual` + text tower (its keys at the top level, as in the official code) + logit_scale."""
 
     def __init__(self, vision_cfg, text_cfg, init_logit_scale=INIT_LOGIT_SCALE):
-        vision_cfg = vision_cfg if isinstance(vision_cfg, PEConfig) else PEConfig(**vision_cfg)
-        text_cfg = text_cfg if isinstance(text_cfg, PETextConfig) else PETextConfig(**text_cfg)
-        super().__init__(**asdict(text_cfg))
-        self.visual = VisionTransformer(**asdict(vision_cfg))
+        super().__init__(**(asdict(text_cfg) if isinstance(text_cfg, PETextConfig) else text_cfg))
+        self.visual = VisionTransformer(**(asdict(vision_cfg) if isinstance(vision_cfg, PEConfig) else vision_cfg))
         self.logit_scale = nn.Parameter(torch.tensor(float(init_logit_scale)))
-        self.image_size = vision_cfg.image_size
+        self.image_size = self.visual.image_size
 
     @classmethod
     def from_config(cls, name, checkpoint_path=None, **load_kwargs):
@@ -595,9 +542,8 @@ class CLIP(TextTransformer):
     def encode_video(self, video, normalize=False):
         """Video (B, T, 3, H, W) -> (B, D): the mean of its frames' embeddings (§2.2). normalize=True
         averages the normalised frame embeddings and does not renormalise the mean (official semantics)."""
-        batch, frames = video.shape[:2]
         x = self.encode_image(video.flatten(0, 1), normalize=normalize)  # (B*T, D)
-        return x.unflatten(0, (batch, frames)).mean(dim=1)
+        return x.unflatten(0, video.shape[:2]).mean(dim=1)
 
     def forward(self, image=None, text=None):
         image_features = self.encode_image(image, normalize=True) if image is not None else None
@@ -607,8 +553,6 @@ class CLIP(TextTransformer):
 
 # ---------------------------------------------------------------------------------------------------------
 # Building and loading.
-
-
 def build_model(name_or_config):
     """A model from an official name ("PE-Core-L14-336", "PE-Spatial-B16-512", ...) or a config dict in the
     fixture / checkpoint format ({"model_class", "vision_cfg", "text_cfg", "init_logit_scale"})."""
@@ -637,8 +581,7 @@ class CheckpointMismatchError(ValueError):
 
 
 def read_checkpoint_file(path):
-    """torch.load(path, weights_only=True) onto the CPU, with one short error naming the file when it is missing
-    (FileNotFoundError) or not a torch checkpoint (ValueError)."""
+    """torch.load(path, weights_only=True) or safetensors onto the CPU; one short error if missing or unreadable."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"checkpoint {path} does not exist")
     if str(path).endswith(".safetensors"):  # timm's and the hub's format; ours stores its config as metadata
@@ -655,9 +598,7 @@ def read_checkpoint_file(path):
 def read_state_dict(source):
     """A state dict from a path or a dict: official .pt files (bare, or wrapped in "state_dict" / "weights"),
     our checkpoints ("model"), DDP's "module." prefix stripped. Always torch.load(weights_only=True)."""
-    if isinstance(source, (str, os.PathLike)):
-        source = read_checkpoint_file(source)
-    state_dict = source
+    state_dict = read_checkpoint_file(source) if isinstance(source, (str, os.PathLike)) else source
     for wrapper in ("state_dict", "weights", "model"):
         if isinstance(state_dict, dict) and isinstance(state_dict.get(wrapper), dict):
             state_dict = state_dict[wrapper]
@@ -677,14 +618,12 @@ def _optional(module, package):  # an optional dependency, or one ImportError sa
 
 # Vision tower keys as (official, timm) heads, swapped either way (the longest matching head; block keys after
 # `blocks.N.`); open_clip holds timm's tower under `visual.trunk.` and the official text tower under `text.`.
-TIMM_NAMES = [("conv1.", "patch_embed.proj."), ("class_embedding", "cls_token"), ("positional_embedding", "pos_embed"),
-              ("ln_pre.", "norm_pre."), ("ln_post.", "norm."), ("proj", "head.weight"),
-              ("attn_pool.probe", "attn_pool.latent"), ("attn_pool.layernorm.", "attn_pool.norm."),
-              ("attn_pool.attn.out_proj.", "attn_pool.proj."), ("attn_pool.mlp.c_fc.", "attn_pool.mlp.fc1."),
-              ("attn_pool.mlp.c_proj.", "attn_pool.mlp.fc2.")]
-TIMM_BLOCK_NAMES = [("ln_1.", "norm1."), ("ln_2.", "norm2."), ("ls_1.gamma", "gamma_1"), ("ls_2.gamma", "gamma_2"),
-                    ("attn.in_proj_", "attn.qkv."), ("attn.out_proj.", "attn.proj."), ("mlp.c_fc.", "mlp.fc1."),
-                    ("mlp.c_proj.", "mlp.fc2.")]
+TIMM_NAMES = [pair.split("=") for pair in """conv1.=patch_embed.proj. class_embedding=cls_token
+    positional_embedding=pos_embed ln_pre.=norm_pre. ln_post.=norm. proj=head.weight attn_pool.probe=attn_pool.latent
+    attn_pool.layernorm.=attn_pool.norm. attn_pool.attn.out_proj.=attn_pool.proj. attn_pool.mlp.c_fc.=attn_pool.mlp.fc1.
+    attn_pool.mlp.c_proj.=attn_pool.mlp.fc2.""".split()]
+TIMM_BLOCK_NAMES = [pair.split("=") for pair in """ln_1.=norm1. ln_2.=norm2. ls_1.gamma=gamma_1 ls_2.gamma=gamma_2
+    attn.in_proj_=attn.qkv. attn.out_proj.=attn.proj. mlp.c_fc.=mlp.fc1. mlp.c_proj.=mlp.fc2.""".split()]
 TIMM_RESHAPE = {"class_embedding": lambda v: v.reshape(1, 1, -1), "cls_token": lambda v: v.reshape(-1), "proj": torch.t,
                 "positional_embedding": lambda v: v[None], "pos_embed": lambda v: v[0], "head.weight": torch.t}
 
@@ -744,18 +683,15 @@ def convert_state_dict(state_dict, to="official"):
 
 
 def load_checkpoint(model, source, strict=True, truncate=False, drop_head=False, name=None):
-    """Load weights in any layout (official, timm's `vit_pe_*` tower, open_clip's `PE-Core-*` CLIP; .pt / .pth
-    / .bin / .safetensors; detect_layout) into `model`; return the model.
-
-    source: a path or a state dict. A full CLIP checkpoint loads into a bare VisionTransformer (its `visual.`
-    keys are taken); a vision-only one into a CLIP loads its vision tower. Other resolutions follow the official
-    code (integer RoPE grid positions, the position embedding resized bilinearly, no antialias); timm rescales
-    RoPE positions to the pretraining grid and resizes bicubically with antialias, so at a non-native size its
-    outputs differ from these. truncate=True drops blocks the model does not have (PE-Lang towers keep the first N
-    blocks of a Core checkpoint); drop_head=True drops ln_post / attn_pool / proj weights the model does not
-    have (a Core checkpoint into a Lang- or Spatial-style tower). Otherwise any mismatch raises one
-    CheckpointMismatchError listing the missing, unexpected and wrongly-shaped keys (the official loader
-    silently ignores them). strict=False loads what fits and returns the model all the same."""
+    """Load a path or state dict in any layout (official, timm's `vit_pe_*` tower, open_clip's `PE-Core-*` CLIP;
+    .pt / .pth / .bin / .safetensors; detect_layout) into `model`; return the model. A CLIP checkpoint loads into
+    a bare VisionTransformer (its `visual.` keys), a vision-only one into a CLIP's tower. Other resolutions follow
+    the official code (integer RoPE grid positions, position embedding resized bilinearly without antialias);
+    timm rescales RoPE positions to the pretraining grid and resizes bicubically with antialias, so there its
+    outputs differ. truncate=True drops blocks the model lacks (PE-Lang keeps a Core's first N); drop_head=True
+    drops ln_post / attn_pool / proj weights it lacks (a Core into a headless tower). Any other mismatch raises one
+    CheckpointMismatchError listing every missing, unexpected and wrongly-shaped key (the official loader ignores
+    them); strict=False loads what fits."""
     label = name or (str(source) if isinstance(source, (str, os.PathLike)) else "state dict")
     state_dict = read_state_dict(source)
     layout = detect_layout(state_dict)
@@ -769,14 +705,12 @@ def load_checkpoint(model, source, strict=True, truncate=False, drop_head=False,
     prefix = "visual." if isinstance(model, CLIP) else ""
     if truncate:
         block = re.compile(rf"^{re.escape(prefix)}transformer\.resblocks\.(\d+)\.")
-        depth = len((model.visual if isinstance(model, CLIP) else model).transformer.resblocks)
-        state_dict = {k: v for k, v in state_dict.items()
-                      if not (block.match(k) and int(block.match(k).group(1)) >= depth)}
+        depth = (model.visual if isinstance(model, CLIP) else model).layers
+        state_dict = {k: v for k, v in state_dict.items() if not ((m := block.match(k)) and int(m[1]) >= depth)}
     head = tuple(prefix + h for h in ("ln_post.", "attn_pool.", "proj"))
     if drop_head:
         state_dict = {k: v for k, v in state_dict.items() if k in own or not k.startswith(head)}
-    missing = sorted(set(own) - set(state_dict))
-    unexpected = sorted(set(state_dict) - set(own))
+    missing, unexpected = sorted(set(own) - set(state_dict)), sorted(set(state_dict) - set(own))
     wrong_shape = sorted(f"{k}: checkpoint {tuple(state_dict[k].shape)} vs model {tuple(own[k].shape)}"
                          for k in set(own) & set(state_dict) if state_dict[k].shape != own[k].shape)
     if strict and (missing or unexpected or wrong_shape):
@@ -791,8 +725,7 @@ def load_checkpoint(model, source, strict=True, truncate=False, drop_head=False,
             lines.append("  (head weights the tower does not have: pass drop_head=True)")
         lines.append("  is the model config the checkpoint's? Known configs: " + ", ".join(VISION_CONFIGS))
         raise CheckpointMismatchError("\n".join(lines))
-    fitting = {k: v for k, v in state_dict.items() if k in own and v.shape == own[k].shape}
-    model.load_state_dict(fitting, strict=False)
+    model.load_state_dict({k: v for k, v in state_dict.items() if k in own and v.shape == own[k].shape}, strict=False)
     return model
 
 
@@ -866,15 +799,13 @@ def from_pretrained(name, **hub_kwargs):
 
 
 def headless_config(vision_cfg, **changes):
-    """A PE-Lang / PE-Spatial style vision config: the tower's tokens are its output (no ln_post, pooling or
-    projection), as the released Lang and Spatial towers."""
+    """A PE-Lang / PE-Spatial style vision config: tokens out (no ln_post, pooling or projection)."""
     return {**vision_cfg, "pool_type": "none", "output_dim": None, "use_ln_post": False, **changes}
 
 
 def export_tower(tower, path, **extra):
-    """A vision tower alone, as the official PE-Lang / PE-Spatial checkpoints are: its state_dict (official
-    keys) plus its config with drop path off (a training-time regulariser), so that load_model(path) rebuilds
-    it; the config is also written as JSON beside it. `extra` entries (metrics, train config) are stored too."""
+    """Save a vision tower alone, as the official PE-Lang / PE-Spatial files: its state_dict, its config with drop
+    path off (load_model(path) rebuilds it; also written as JSON beside it) and the `extra` entries (metrics...)."""
     config = get_config(tower)
     config["vision_cfg"]["drop_path"] = 0.0
     state = {k: v.detach().cpu().clone() for k, v in tower.state_dict().items()}

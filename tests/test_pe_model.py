@@ -224,7 +224,7 @@ def test_save_checkpoint_leaves_nothing_half_written(tmp_path):
 
 # --- configs --------------------------------------------------------------------------------------------------
 
-# vision parameter counts from the official model table (pe_architecture.md §6), in millions
+# vision parameter counts from the official model table (the official README), in millions
 OFFICIAL_VISION_PARAMS = {
     "PE-Core-T16-384": 6.1, "PE-Core-S16-384": 23.8, "PE-Core-B16-224": 93.7, "PE-Core-L14-336": 317,
     "PE-Core-G14-448": 1882, "PE-Lang-L14-448": 291, "PE-Lang-G14-448": 1741, "PE-Spatial-T16-512": 5.7,

@@ -330,6 +330,10 @@ def save_training_checkpoint(path, module, model, optimizer, step, position=(), 
         model_state = {k.removeprefix("model."): v for k, v in model_state.items()}
     else:
         model_state, optimizer_state = model.state_dict(), optimizer.state_dict()
+    bad = [k for k, v in model_state.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if bad:  # never write (nor later resume from) a blown-up model: the last good checkpoint stays the newest
+        raise SystemExit(f"step {step}: {len(bad)} weight tensors are not finite ({', '.join(bad[:3])}, ...); "
+                         f"{path} is not written. Lower the learning rate, or resume from the last checkpoint")
     if not dist.is_initialized() or dist.get_rank() == 0:
             pe_model.save_checkpoint({"model": model_state, "config": pe_model.get_config(model), "step": step,
                                   "optimizer": optimizer_state, "rng": rng_state(),

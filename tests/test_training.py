@@ -192,3 +192,14 @@ def test_the_newest_checkpoints_are_kept(tmp_path):
     training.prune_checkpoints(str(tmp_path), 2)
     assert sorted(os.listdir(tmp_path)) == ["final.pt", "step_000002.pt", "step_000003.pt"]
     assert training.latest_checkpoint(str(tmp_path), "step_*.pt").endswith("step_000003.pt")
+
+
+def test_a_non_finite_model_is_never_written(tmp_path):
+    torch.manual_seed(0)
+    model = pe_model.build_model(TINY)
+    optimizer = training.build_optimizer(model)
+    with torch.no_grad():
+        model.visual.proj.fill_(float("nan"))
+    with pytest.raises(SystemExit, match="visual.proj"):
+        training.save_training_checkpoint(str(tmp_path / "step_000001.pt"), model, model, optimizer, 1)
+    assert os.listdir(tmp_path) == []

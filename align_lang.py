@@ -97,6 +97,10 @@ class LangConfig:
     max_new_tokens: int = 24
 
 
+RULES = training.positive("pooling_ratio", "lm_dim", "lm_layers", "lm_heads", "lm_kv_heads", "lm_multiple_of",
+                          "num_classes", "max_text_tokens", "max_new_tokens")  # besides training.RULES
+
+
 # ---------------------------------------------------------------------------------------------------------
 # The LM: Llama (Touvron et al. 2023; Dubey et al. 2024) with Meta's parameter names, so its checkpoints load.
 
@@ -818,7 +822,7 @@ def make_summarizer(checkpoint, device="cpu"):
 
 
 def main(argv=None):
-    cfg = training.parse_config(LangConfig(), argv)
+    cfg = training.parse_config(LangConfig(), argv, RULES)
     torch.manual_seed(cfg.seed)
     device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available() else
                           ("cpu" if cfg.device == "auto" else cfg.device))

@@ -94,6 +94,10 @@ class SpatialConfig:
     resume: bool = False  # continue exactly from the newest spatial_step_NNNNNN.pt in out_dir
 
 
+RULES = {**training.positive("prompt_grid", "mask_size", "num_scenes"),  # besides training.RULES
+         "mask_temperature": (lambda v: v > 0, "a number > 0"), "mask_ratio": (lambda v: v < 1, "in [0, 1)")}
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Teacher: the core's tower without its head, frozen. Student: the same weights as a PE-Spatial tower (§5.2: "we
 # add no extra parameters other than LayerScale"), position embedding resampled as the tower does on the fly.
@@ -304,15 +308,16 @@ def train(cfg, checkpoint, rank=0, world_size=1, device=torch.device("cpu")):
     optimizer = training.build_optimizer(student, "lamb", cfg.lr, (cfg.beta1, cfg.beta2),
                                          weight_decay=cfg.weight_decay)
     generator = torch.Generator().manual_seed(data.seed_for(cfg.seed, "spatial-masks", rank))
-    start_step, position, history = 0, (0, 0), []
-    resume_from = training.latest_checkpoint(cfg.out_dir, "spatial_step_*.pt") if cfg.resume else None
+    start_step, history = 0, []
+    resume_from, blob, position = (training.resume_latest(cfg.out_dir, "spatial_step_*.pt", student, student, optimizer,
+                                                          rank, world_size) if cfg.resume else (None,) * 3)
     if resume_from:  # before DDP wraps the student: DDP starts every rank from rank 0's weights
-        blob, position = training.load_training_checkpoint(resume_from, student, student, optimizer, rank, world_size)
         if len(blob.get("mask_generator", ())) != world_size:
             raise SystemExit(f"{resume_from}: not an align_spatial.py checkpoint of {world_size} process(es)")
         # a copy: Generator.set_state reads a row view from its storage's start (rank 1's row would crash)
         generator.set_state(blob["mask_generator"][rank].clone())
         start_step, history = int(blob["step"]), list(blob["history"])
+    position = position or (0, 0)
     if cfg.resume and rank == 0:
         print(f"resuming at step {start_step} from {resume_from}" if resume_from else
               f"--resume: no spatial_step_*.pt in {cfg.out_dir}, starting from {checkpoint}")
@@ -413,8 +418,9 @@ def score_table(scores):
 
 
 def main(argv=None):
-    cfg = training.parse_config(SpatialConfig(), argv)
+    cfg = training.parse_config(SpatialConfig(), argv, RULES)
     rank, world_size, _, device = training.setup_distributed()
+    training.remove_partial_writes(cfg.out_dir, rank)  # a killed run's half-written files
     checkpoint = training.resolve_checkpoint(cfg.checkpoint or None)
     if rank == 0:
         print(f"spatial alignment of {checkpoint} on {world_size} process(es), {device}")

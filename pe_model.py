@@ -591,7 +591,9 @@ def read_checkpoint_file(path):
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # torch raises several kinds (UnpicklingError, RuntimeError, EOFError, ...)
-        reason = (str(error).strip().splitlines() or [type(error).__name__])[0][:200]
+        reason = (str(error).strip().splitlines() or [type(error).__name__])[0].split(". ")[0][:120]
+        if "weights only" in reason.lower() or "weights_only" in reason:  # never suggest unpickling it instead
+            reason = "damaged, or it holds objects beyond tensors and plain containers, which are never unpickled"
         raise ValueError(f"checkpoint {path}: cannot be read as a torch checkpoint ({reason})") from error
 
 

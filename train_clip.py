@@ -110,12 +110,25 @@ PRESETS = {
 }
 
 
+# What TrainConfig's fields must be besides training.RULES (checked at start: one line names the field)
+RULES = {
+    "preset": (lambda v: v in PRESETS, "one of " + ", ".join(PRESETS)),
+    "data": (lambda v: v in ("emoji", "tar", "captions", "coco"), "emoji, tar, captions or coco"),
+    "train_data": (lambda v: data.expand_braces(v), "a path or a brace pattern with balanced {}"),
+    "lr_schedule": (lambda v: v in ("cosine", "constant"), "cosine or constant"),
+    "pool_type": (lambda v: v in ("attn", "tok"), "attn or tok"),
+    "resolution_stages": (lambda v: parse_stages(v), "fraction:resolution stages whose fractions sum to 1"),
+    "crop_scale": (lambda v: len(v) == 2 and 0 < v[0] <= v[1] <= 1, "two numbers 0 < min <= max <= 1"),
+    "mask_ratio": (lambda v: 0 <= v < 1, "in [0, 1) (a share of the patches)"),
+    "num_classes": (lambda v: v >= 2, "an integer >= 2"),
+    "images_per_class": (lambda v: v >= 1, "an integer >= 1"),
+}
+
+
 def make_config(argv=None):
     """TrainConfig from the command line: the --preset's values first, then every explicit option."""
-    preset = training.parse_config(TrainConfig(), argv).preset  # a first pass reads --preset (and checks every option)
-    if preset not in PRESETS:
-        raise SystemExit(f"--preset={preset}: unknown; the presets are {', '.join(PRESETS)}")
-    return training.parse_config(TrainConfig(preset=preset, **PRESETS[preset]), argv)
+    preset = training.parse_config(TrainConfig(), argv, RULES).preset  # a first pass reads --preset (checks all)
+    return training.parse_config(TrainConfig(preset=preset, **PRESETS[preset]), argv, RULES)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -239,7 +252,6 @@ def build_train_dataset(cfg, load_size, bad_dir):
         if not cfg.image_root:
             raise SystemExit("--data=coco needs --image_root=FOLDER (the images of the annotations file)")
         return data.CocoCaptions(cfg.train_data, cfg.image_root, transform, seed=cfg.seed, bad_report_dir=bad_dir)
-    raise SystemExit(f"--data={cfg.data}: unknown; use emoji, tar, captions or coco")
 
 
 class EpochIndexed(torch.utils.data.Dataset):
@@ -465,8 +477,6 @@ def train(cfg):
     master = rank == 0
     if cfg.global_batch % world_size:
         raise SystemExit(f"--global_batch={cfg.global_batch} must be divisible by the {world_size} processes")
-    if not (0 <= cfg.mask_fraction <= 1 and 0 <= cfg.mask_ratio < 1):
-        raise SystemExit("--mask_fraction must be in [0, 1] and --mask_ratio in [0, 1)")
     stages = parse_stages(cfg.resolution_stages)
     local_batch = cfg.global_batch // world_size
     autocast = device.type == "cuda"  # bf16 autocast on GPU; float32 on CPU
@@ -484,15 +494,14 @@ def train(cfg):
 
     load_size = cfg.load_size or max(resolution for _, resolution in stages)
     bad_dir = os.path.join(cfg.out_dir, "bad_samples")
-    if not (cfg.resume and training.latest_checkpoint(cfg.out_dir)):
+    training.remove_partial_writes(cfg.out_dir, rank)
+    resumed_from, state, position = (training.resume_latest(cfg.out_dir, "*.pt", train_forward, model, optimizer,
+                                                            rank, world_size) if cfg.resume else (None, None, None))
+    step, position = (int(state["step"]), position) if resumed_from else (0, (0, 0))
+    if not resumed_from:
         data.BadSamples.reset(bad_dir)  # a fresh run counts its own bad samples, not an earlier run's
     dataset = build_train_dataset(cfg, load_size, bad_dir)
-    step, position = 0, (0, 0)
-    resumed_from = training.latest_checkpoint(cfg.out_dir) if cfg.resume else None
     if resumed_from:
-        state, position = training.load_training_checkpoint(resumed_from, train_forward, model, optimizer, rank,
-                                                            world_size)
-        step = int(state["step"])
         changed = [k for k, v in state.get("train_config", {}).items()
                    if k in ("global_batch", "max_steps", "resolution_stages", "seed", "lr", "optimizer")
                    and v != getattr(cfg, k)]

@@ -49,9 +49,9 @@ def _parse_value(text, kind, name):
     return text
 
 
-def parse_config(config, argv=None):
-    """Override the fields of a config dataclass instance from --field=value arguments; returns it.
-    An unknown option or a malformed value stops with one message naming it."""
+def parse_config(config, argv=None, rules=None):
+    """Override the fields of a config dataclass instance from --field=value arguments, then check_config it;
+    returns it. An unknown option or a malformed or impossible value stops with one message naming it."""
     argv = sys.argv[1:] if argv is None else argv
     hints = typing.get_type_hints(type(config))
     names = [f.name for f in fields(config)]
@@ -67,6 +67,53 @@ def parse_config(config, argv=None):
                 raise SystemExit(f"--{name} needs a value: --{name}=...")
             text = "true"
         setattr(config, name, _parse_value(text, hints[name], name))
+    return check_config(config, rules)
+
+
+def positive(*names):
+    """Rules for the fields that must be >= 1: the sizes and counts of a stage that 0 would break."""
+    return {name: (lambda v: v >= 1, "an integer >= 1") for name in names}
+
+
+def _unit(v):
+    return all(0 <= x <= 1 for x in (v if isinstance(v, (tuple, list)) else [v]))
+
+
+# Values no run can use, checked at start for every stage whose config has the field: field -> (test, what is
+# allowed). Any other number must be finite and >= 0 (counts, sizes, steps, rates); a stage adds its own rules
+# beside its config, passed as parse_config(..., rules=).
+RULES = {
+    "global_batch": (lambda v: v >= 2, "an integer >= 2 (a contrastive loss needs at least one negative)"),
+    **positive("batch_size", "max_steps", "eval_batch", "eval_batch_size", "num_frames", "log_every"),
+    "lr": (lambda v: v > 0, "a number > 0"),
+    "warmup_fraction": (lambda v: v < 1, "a fraction of max_steps in [0, 1)"),
+    "betas": (lambda v: len(v) == 2 and all(0 <= b < 1 for b in v), "two numbers in [0, 1)"),
+    "optimizer": (lambda v: v in ("lamb", "adamw"), "lamb or adamw"),
+    "device": (lambda v: v in ("", "auto") or torch.device(v), "auto, cpu, cuda or cuda:N"),
+    "model": (lambda v: not v or v in pe_model.VISION_CONFIGS or os.path.isfile(v),
+              "an official name (" + ", ".join(pe_model.VISION_CONFIGS) + ") or a JSON config file"),
+    **{name: (_unit, "in [0, 1]") for name in ("hflip_prob", "mask_fraction", "mask_ratio", "drop_path",
+                                                "brightness", "saturation", "embedded_refined_fraction")},
+}
+
+
+def check_config(config, rules=None):
+    """Stop with one line naming the first field whose value no run can use, its value and what is allowed."""
+    rules = {**RULES, **(rules or {})}
+    for field in fields(config):
+        value = getattr(config, field.name)
+        rule = rules.get(field.name)
+        numbers = [v for v in (value if isinstance(value, (tuple, list)) else [value])
+                   if isinstance(v, (int, float)) and not isinstance(v, bool)]
+        if rule is None and numbers:
+            rule = (lambda v: all(math.isfinite(x) and x >= 0 for x in numbers), "a finite number >= 0")
+        try:
+            ok = rule is None or value is None or (all(map(math.isfinite, numbers)) and rule[0](value))
+        except (ValueError, TypeError, KeyError, RuntimeError):  # a rule that raises (say, on a malformed pattern) fails
+            ok = False
+        if not ok:
+            shown = ",".join(map(str, value)) if isinstance(value, (tuple, list)) else value
+            raise SystemExit(f"--{field.name}={shown}: must be {rule[1]}")
     return config
 
 
@@ -340,24 +387,40 @@ def save_training_checkpoint(path, module, model, optimizer, step, position=(), 
                                   "data_position": torch.tensor(positions), **(extra or {})}, path)
 
 
+def _config_difference(saved, built):
+    """The fields where two model configs differ, "vision_cfg.width=128 (this run: 192)", for a mismatch error."""
+    flat = lambda c: {f"{k}.{j}": w for k, v in c.items() for j, w in (v.items() if isinstance(v, dict)  # noqa
+                                                                        else [("", v)])}
+    saved, built = flat(saved or {}), flat(built)
+    return ", ".join(f"{k.rstrip('.')}={saved.get(k)} (this run: {built.get(k)})"
+                     for k in sorted(set(saved) | set(built)) if saved.get(k) != built.get(k))
+
+
 def load_training_checkpoint(path, module, model, optimizer=None, rank=0, world_size=1):
     """Restore weights, optimizer state and RNG states from save_training_checkpoint's file; returns (the whole
-    checkpoint dict, this rank's data position as a tuple). A checkpoint written by another number of
-    processes is refused: every rank's data position is its own."""
+    checkpoint dict, this rank's data position as a tuple). A file that cannot be read raises ValueError naming
+    it (nothing is restored); a checkpoint of another model, or written by another number of processes (every
+    rank's data position is its own), stops with one message."""
     blob = pe_model.read_checkpoint_file(path)
-    if not isinstance(blob, dict) or "model" not in blob or "step" not in blob:
-        raise SystemExit(f"{path}: not a resumable training checkpoint (no 'model' and 'step')")
+    if not isinstance(blob, dict) or "model" not in blob or "step" not in blob or "rng" not in blob:
+        raise ValueError(f"{path}: not a resumable training checkpoint (no 'model', 'step' and 'rng')")
     positions = blob.get("data_position", torch.zeros(1, 0, dtype=torch.long))
     positions = positions.view(1, -1) if positions.dim() == 1 else positions
     if len(positions) not in (1, world_size):  # one row: a position that every rank shares (train_clip)
         raise SystemExit(f"{path}: written by {len(positions)} process(es); resume it with as many (now {world_size})")
+    difference = _config_difference(blob.get("config"), pe_model.get_config(model))
+    if blob.get("config") and difference:  # before any weight is touched: say which sizes differ, both ways
+        raise SystemExit(f"{path}: a checkpoint of another model: {difference}")
     if is_fsdp(module):
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
 
         set_state_dict(module, optimizer, model_state_dict={f"model.{k}": v for k, v in blob["model"].items()},
                        optim_state_dict=blob["optimizer"], options=StateDictOptions(full_state_dict=True))
     else:
-        pe_model.load_checkpoint(model, blob["model"], name=path)
+        try:
+            pe_model.load_checkpoint(model, blob["model"], name=path)
+        except pe_model.CheckpointMismatchError as error:
+            raise SystemExit(f"{path}: does not fit this run's model: {error}") from None
         if optimizer is not None:
             try:
                 optimizer.load_state_dict(blob["optimizer"])
@@ -366,6 +429,30 @@ def load_training_checkpoint(path, module, model, optimizer=None, rank=0, world_
                                  "same optimizer and model as the run that wrote it?") from None
     set_rng_state(blob["rng"])
     return blob, tuple(int(v) for v in positions[rank if len(positions) > 1 else 0])
+
+
+def resume_latest(out_dir, pattern, module, model, optimizer=None, rank=0, world_size=1):
+    """--resume: load_training_checkpoint from the newest checkpoint in out_dir matching `pattern`; returns
+    (path, checkpoint dict, position), or (None, None, None) if there is none. A newest file that cannot be read
+    (cut by a full disk, damaged) is named and passed over for the previous one."""
+    paths = [p for p in glob.glob(os.path.join(out_dir, pattern)) if os.path.isfile(p)]
+    for path in sorted(paths, key=os.path.getmtime, reverse=True):
+        try:
+            return (path, *load_training_checkpoint(path, module, model, optimizer, rank, world_size))
+        except ValueError as error:
+            if rank == 0:
+                print(f"warning: {error}; resuming from the previous checkpoint instead")
+    return None, None, None
+
+
+def remove_partial_writes(out_dir, rank=0):
+    """Delete what killed writes left in out_dir (atomic_write's .NAME.tmpPID files); call at start on every
+    rank, before anything is written (rank 0 deletes, then all ranks wait for it)."""
+    if rank == 0:
+        for path in glob.glob(os.path.join(glob.escape(out_dir), "**", ".*.tmp*"), recursive=True):
+            os.remove(path)
+            print(f"removed {path}: a partial write of a killed run")
+    barrier()
 
 
 def prune_checkpoints(out_dir, keep, pattern="step_*.pt"):
@@ -412,7 +499,13 @@ class MetricsLog:
         kept = []
         if resumed_step is not None and os.path.exists(path):
             with open(path) as f:
-                kept = [line for line in f if json.loads(line).get("step", 0) <= resumed_step]
+                lines = f.readlines()
+            for number, line in enumerate(lines, 1):
+                try:
+                    if json.loads(line).get("step", 0) <= resumed_step:
+                        kept.append(line)
+                except json.JSONDecodeError:  # a line cut by a full disk or a power loss
+                    print(f"warning: {path} line {number} is not a whole JSON record (a cut write); dropped")
         with open(path, "w") as f:
             f.writelines(kept)
 

@@ -98,6 +98,10 @@ class VideoEngineConfig:
     device: str = ""  # "" = cuda:LOCAL_RANK if available, else cpu
 
 
+RULES = training.positive("num_videos", "video_length", "video_size", "video_classes", "video_batch_size",
+                          "shard_size")  # besides training.RULES (checked at start: one line names the field)
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Stage 1: frame and clip captioning, into one record (JSON) per video, replaced atomically so that a crash never
 # leaves half a record; under torchrun every rank writes the records of its own videos. A captioner is any
@@ -472,14 +476,15 @@ def finetune(cfg, model, shard_dir, device="cpu", rank=0, world_size=1, start_ch
     model = model.to(device).train()
     train_forward = training.wrap_for_training(model, device, world_size)  # DDP: gradients averaged over ranks
     optimizer = training.build_optimizer(model, cfg.optimizer, cfg.lr, cfg.betas, cfg.eps, cfg.weight_decay)
-    step, position = 0, (0, 0, 0, 0)
-    resumed = training.latest_checkpoint(cfg.out_dir, "video_finetune*.pt") if cfg.resume else None
+    step = 0
+    resumed, state, position = (training.resume_latest(cfg.out_dir, "video_finetune*.pt", train_forward, model,
+                                                       optimizer, rank, world_size) if cfg.resume else (None,) * 3)
     if resumed:
-        state, position = training.load_training_checkpoint(resumed, train_forward, model, optimizer, rank, world_size)
         if len(state["data_position"]) != world_size:  # each rank reads its own shards: its position is its own
             raise SystemExit(f"{resumed}: written by {len(state['data_position'])} process(es); resume it "
                              f"with as many (now {world_size})")
         step = int(state["step"])
+    position = position or (0, 0, 0, 0)
     if cfg.resume and rank == 0:
         print(f"resuming the finetuning at step {step} from {resumed}" if resumed else
               f"--resume: no finetuning checkpoint in {cfg.out_dir}, starting from {start_checkpoint or 'the model'}")
@@ -549,8 +554,9 @@ def evaluate_video_zero_shot(checkpoints, out_dir, script=None):
 
 
 def main(argv=None):
-    cfg = training.parse_config(VideoEngineConfig(), argv)
+    cfg = training.parse_config(VideoEngineConfig(), argv, RULES)
     rank, world_size, _, device = training.setup_distributed()
+    training.remove_partial_writes(cfg.out_dir, rank)  # a killed run's half-written files
     device = torch.device(cfg.device) if cfg.device else device
     checkpoint = training.resolve_checkpoint(cfg.checkpoint or None)
     try:

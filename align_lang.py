@@ -103,8 +103,6 @@ RULES = training.positive("pooling_ratio", "lm_dim", "lm_layers", "lm_heads", "l
 
 # ---------------------------------------------------------------------------------------------------------
 # The LM: Llama (Touvron et al. 2023; Dubey et al. 2024) with Meta's parameter names, so its checkpoints load.
-
-
 @dataclass
 class LlamaArgs:  # the fields of Meta's params.json
     dim: int = 128
@@ -345,8 +343,6 @@ def answer_loss(vlm, input_ids, targets, image_embeds=None):
 # ---------------------------------------------------------------------------------------------------------
 # Tokens. The LM trained here reads CLIP's BPE renumbered to the ids its texts use (a few hundred, not 49,408:
 # a far smaller output layer, most of a CPU step's cost); other ids (held-out words) read as one unknown token.
-
-
 class ClipTokenizer:
     """CLIP BPE for a decoder; vocab: LM id i = CLIP id vocab[i] (pad, begin, end, unknown first), None = all."""
 
@@ -461,7 +457,6 @@ def encode_example(tokenizer, question, answer, max_tokens, context=None):
 
 # ---------------------------------------------------------------------------------------------------------
 # Data: embedded emoji QA or JSONL files. Each type's last phrasing is held out: new sentences of trained words.
-
 QUESTIONS = {
     "what": ["what is in the image?", "what does this picture show?", "what emoji is this?", "what is shown here?",
              "what is shown in this picture?"],
@@ -638,8 +633,6 @@ def sample_batch(pool, batch_size, generator, tokenizer, max_tokens, text_only=F
 # ---------------------------------------------------------------------------------------------------------
 # Training (one function runs every stage: which parameters train is the only difference), greedy decoding,
 # answer accuracy, saving and loading.
-
-
 def train_stage(vlm, pool, cfg, stage, steps, lr, tokenizer, device):
     """Run one stage for `steps` steps; returns the list of losses. Stage 0 trains the LM (text only), stage 1
     the projector (vision and LM frozen, as PLM's warm-up), stage 2 everything; frozen parts run in eval mode."""
@@ -775,8 +768,6 @@ def vqa_accuracy(checkpoint_path, split="val", jsonl=None, max_samples=None, bat
 # ---------------------------------------------------------------------------------------------------------
 # video_engine.py's plug-ins (§2.2: PLM captions, Llama 3.2 summarises): fn(checkpoint, device) -> a callable
 # whose `.name` the engine's records keep (a record is redone when it changes).
-
-
 def contact_sheet(frames):
     """(T, H, W, 3) uint8 -> (1, H, W, 3): the frames tiled on a ceil(sqrt(T))-wide grid, shrunk to one frame."""
     count, height, width = frames.shape[:3]

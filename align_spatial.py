@@ -101,8 +101,6 @@ RULES = {**training.positive("prompt_grid", "mask_size", "num_scenes"),  # besid
 # ---------------------------------------------------------------------------------------------------------
 # Teacher: the core's tower without its head, frozen. Student: the same weights as a PE-Spatial tower (§5.2: "we
 # add no extra parameters other than LayerScale"), position embedding resampled as the tower does on the fly.
-
-
 def default_teacher_layer(layers):
     """0-based block index of the paper's layer 41 of 50 (1-based: B.3.1 "layer 40 when indexing from 0")
     scaled to `layers` blocks (6 -> 4, 12 -> 9, 50 -> 40)."""
@@ -138,7 +136,6 @@ def build_teacher_and_student(checkpoint, cfg, vision_cfg):
 # Mask source (teacher 2). SAM's mask logits are FEATURES (§5.2): a pixel is described by its logit under each
 # of the M grid prompts, so two pixels are alike when the same prompts select them. SAM's own features are
 # not used: they carry global-token artifacts (Fig. 15).
-
 EXACT_LOGIT = 10.0  # logit magnitude of the oracle masks; any value gives the same cosine similarities
 
 
@@ -177,7 +174,6 @@ def mask_logit_tokens(mask_logits, image_size, patch_size):
 # Data: make_loader functions for training.epochs (an epoch's stream is a function of (seed, rank, epoch)).
 # Scenes are rendered once and augmented per step with Tab. 21's colour jitter and flip, applied to image and
 # instance map together so the oracle masks stay exact (its aspect-ratio jitter would resample the masks).
-
 TRAIN_SCENE_SEED = 7919  # added to --seed (evaluate.py's scenes have string seeds): no training scene is probed
 
 
@@ -247,8 +243,6 @@ def block_mask(batch, grid_h, grid_w, ratio, block, generator):
 
 # ---------------------------------------------------------------------------------------------------------
 # Losses (Appendix B.3.1).
-
-
 def self_distillation_loss(student_tokens, teacher_tokens):
     """Eq. 2 over all tokens. The paper writes "minimize cosine similarity"; it means maximise it: 1 - cos,
     the gradient of -cos, 0 at a perfect match. (B, N, D), (B, N, D) -> scalar."""
@@ -310,14 +304,13 @@ def train(cfg, checkpoint, rank=0, world_size=1, device=torch.device("cpu")):
     generator = torch.Generator().manual_seed(data.seed_for(cfg.seed, "spatial-masks", rank))
     start_step, history = 0, []
     resume_from, blob, position = (training.resume_latest(cfg.out_dir, "spatial_step_*.pt", student, student, optimizer,
-                                                          rank, world_size) if cfg.resume else (None,) * 3)
+                                                          rank, world_size) if cfg.resume else (None, None, (0, 0)))
     if resume_from:  # before DDP wraps the student: DDP starts every rank from rank 0's weights
         if len(blob.get("mask_generator", ())) != world_size:
             raise SystemExit(f"{resume_from}: not an align_spatial.py checkpoint of {world_size} process(es)")
         # a copy: Generator.set_state reads a row view from its storage's start (rank 1's row would crash)
         generator.set_state(blob["mask_generator"][rank].clone())
         start_step, history = int(blob["step"]), list(blob["history"])
-    position = position or (0, 0)
     if cfg.resume and rank == 0:
         print(f"resuming at step {start_step} from {resume_from}" if resume_from else
               f"--resume: no spatial_step_*.pt in {cfg.out_dir}, starting from {checkpoint}")
@@ -380,7 +373,6 @@ def train(cfg, checkpoint, rank=0, world_size=1, device=torch.device("cpu")):
 # ---------------------------------------------------------------------------------------------------------
 # Evaluation: the aligned tower's LAST layer should reach the core's BEST layer on dense tasks (§5.2, Fig. 16,
 # Tab. 13). evaluate.py probes every layer of both, at the same resolution on the same held-out scenes.
-
 EVALUATE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "evaluate.py")
 
 

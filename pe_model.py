@@ -449,9 +449,21 @@ class VisionTransformer(nn.Module):
             x = torch.cat([self.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1), x], dim=1)
         if hasattr(self, "positional_embedding"):
             x = x + self.interpolated_posemb(grid_h, grid_w).to(x.dtype)
-        head_dim = self.width // self.heads
-        angles = rope_angles_2d(grid_h, grid_w, head_dim, self.use_cls_token).to(x.device) if self.use_rope2d else None
+        angles = self.rope_table(grid_h, grid_w, x.device) if self.use_rope2d else None
         return self.ln_pre(x), angles
+
+    def rope_table(self, grid_h, grid_w, device):
+        """The RoPE angle table (N, head_dim) of a grid, built on `device` once and then reused by every block
+        and forward (kernels/rope_attention.py also caches its cos/sin per table). A plain dict attribute keyed
+        by (grid_h, grid_w, head_dim, cls token, device): not in the state_dict, not moved by .to()."""
+        key = (grid_h, grid_w, self.width // self.heads, self.use_cls_token, torch.device(device))
+        tables = self.__dict__.setdefault("_rope_tables", {})
+        if key not in tables:
+            if len(tables) >= 16:  # e.g. an evaluation sweep over resolutions: drop the oldest
+                tables.pop(next(iter(tables)))
+            with torch.inference_mode(False):  # a normal tensor even when first built under inference_mode:
+                tables[key] = rope_angles_2d(*key[:4], device=key[4])  # a later training step saves it for backward
+        return tables[key]
 
     def _finish(self, x, norm, strip_cls_token):
         x = self.ln_post(x) if norm else x

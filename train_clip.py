@@ -7,20 +7,19 @@ high-resolution stage, 2D RoPE, attention pooling, tuned augmentation and mask r
 its own switch in TrainConfig below, so the ablation can be rerun; `--preset=vanilla` switches them all off,
 `--preset=pe` (the default) switches them all on.
 
-    python train_clip.py                                  # PE recipe on the embedded emoji data, 2 CPU cores, <10 min
+    python train_clip.py                                  # the PE recipe on the embedded emoji data (CPU minutes)
     python train_clip.py --preset=vanilla                 # the plain-CLIP baseline of the ablation
     python train_clip.py --max_steps=50 --out_dir=out/try # a short run
     python train_clip.py --resume                         # continue from the newest checkpoint in --out_dir
     torchrun --nproc_per_node 2 train_clip.py             # two processes on a CPU (gloo, DDP)
-    torchrun --nproc_per_node 8 train_clip.py --model=PE-Core-L14-336 --data=tar \\
-        --train_data='shards/{00000..01023}.tar' --global_batch=4096 --resolution_stages=0.3:98,0.3:154,0.3:224,0.1:336 \\
+    torchrun --nproc_per_node 8 train_clip.py --model=PE-Core-L14-336 --data=tar --global_batch=4096 \\
+        --train_data='shards/{00000..01023}.tar' --resolution_stages=0.3:98,0.3:154,0.3:224,0.1:336 \\
         --max_steps=100000 --lr=2e-3                      # 8 GPUs (NCCL, DDP, bf16 autocast); add --fsdp for G
 
-Every config field is an option: --field=value (a bare --flag sets a bool). --model is an official name or a
-JSON file with a config dict (pe_model.build_model's format). Outputs in --out_dir: checkpoints step_NNNNNN.pt
-and final.pt (torch.load(weights_only=True); "model" in the official state_dict layout plus "config", so
-pe_model.load_model(path) rebuilds the model), metrics.jsonl (one line per step, plus zero-shot evaluations),
-and bad_samples/ (skipped inputs, counted per reason).
+Every config field is an option: --field=value (a bare --flag sets a bool); --model is an official name or a
+JSON file with a config dict (pe_model.build_model's format). Outputs in --out_dir: step_NNNNNN.pt and final.pt
+("model" in the official state_dict layout plus "config": pe_model.load_model(path) rebuilds it), metrics.jsonl
+(one line per step, plus zero-shot evaluations) and bad_samples/ (skipped inputs, counted per reason).
 
 Then measure it: python evaluate.py --all --checkpoint=out/clip/final.pt (the command is printed at the end).
 """
@@ -67,13 +66,13 @@ class TrainConfig:
     shuffle_buffer: int = 1000  # tar: samples shuffled in a buffer of this size
     # recipe (§2.1, in the order of the paper's ablation)
     global_batch: int = 128  # images per step over all ranks (§2.1 doubles it: more negatives)
-    max_steps: int = 400  # the default run: ~51K images, ~7 minutes on 2 idle CPU cores (bench/RESULTS.md)
+    max_steps: int = 400  # the default run: 51,200 images (its figures: bench/RESULTS.md)
     # fraction:resolution. The default ends at the model's native 64 px; most steps run at 32-40 px, where a
     # step costs half as much (§2.1's point: progressive resolution buys steps)
     resolution_stages: typing.Tuple[str, ...] = ("0.4:32", "0.3:40", "0.2:48", "0.1:64")
     load_size: int = 0  # images are read at this size and resized per stage; 0 = the largest stage resolution
     optimizer: str = "lamb"  # lamb (§2.1) | adamw (vanilla)
-    lr: float = 2e-3  # §2.1: LAMB at 2e-3 (5x that made the default model collapse to a constant embedding)
+    lr: float = 2e-3  # §2.1: LAMB at 2e-3
     min_lr: float = 0.0  # the cosine ends here
     lr_schedule: str = "cosine"  # cosine | constant (both after a linear warmup)
     warmup_fraction: float = 0.05  # of max_steps
@@ -84,8 +83,7 @@ class TrainConfig:
     brightness: float = 0.32  # Tab. 18 colour jitter j(0.32, 0, 0.32, 0): brightness factor in [1 - b, 1 + b]
     saturation: float = 0.32  # ... and saturation factor in [1 - s, 1 + s]
     hflip_prob: float = 0.5  # Tab. 18: horizontal flip p(0.5)
-    mask_fraction: float = 1 / 16  # §2.1 mask regularization: share of the batch duplicated and masked (Tab. 18:
-    #                                mask reg batch 8,192 of 131,072)
+    mask_fraction: float = 1 / 16  # §2.1 mask regularization: share of the batch duplicated and masked (Tab. 18)
     mask_ratio: float = 0.4  # Tab. 18 "mask reg ratio 0.4": share of the patches masked in those copies
     mask_weight: float = 1.0  # weight of the mask-regularization loss next to the contrastive loss
     # run
@@ -98,10 +96,9 @@ class TrainConfig:
     eval_batch: int = 250
 
 
-# The plain-CLIP baseline of the §2.1 ablation (OpenCLIP's recipe): one fixed resolution, half the batch (so
-# twice the steps for the same number of images), AdamW, class-token pooling, no RoPE, OpenCLIP's light
-# augmentation (random resized crop of 90-100% of the image, nothing else), no mask regularization. The
-# defaults of TrainConfig are the "pe" preset.
+# The plain-CLIP baseline of the §2.1 ablation (OpenCLIP's recipe): one fixed resolution, half the batch (twice
+# the steps for as many images), AdamW, class-token pooling, no RoPE, OpenCLIP's light augmentation (a random
+# resized crop of 90-100%, nothing else), no mask regularization. TrainConfig's defaults are the "pe" preset.
 PRESETS = {
     "pe": {},
     "vanilla": dict(global_batch=64, max_steps=800, resolution_stages=("1:64",), optimizer="adamw", lr=1e-3,
@@ -133,8 +130,6 @@ def make_config(argv=None):
 
 # ---------------------------------------------------------------------------------------------------------
 # Model
-
-
 def build_clip(name_or_path, use_rope2d=None, pool_type=None):
     """A PE CLIP model from an official name or a JSON config file, with the two architecture switches of
     the §2.1 ablation applied to its vision config (None keeps the config's own)."""
@@ -147,24 +142,19 @@ def build_clip(name_or_path, use_rope2d=None, pool_type=None):
         raise SystemExit(f"--model={name_or_path}: a vision-only tower; contrastive training needs a CLIP model "
                          f"(one of {', '.join(pe_model.TEXT_CONFIGS)})")
     vision = config["vision_cfg"]
-    if use_rope2d is not None:
-        vision["use_rope2d"] = use_rope2d
-    if pool_type is not None:
-        vision["pool_type"] = pool_type
+    vision.update({k: v for k, v in (("use_rope2d", use_rope2d), ("pool_type", pool_type)) if v is not None})
     if vision.get("pool_type") == "tok" and not vision.get("use_cls_token"):
         raise SystemExit(f"--pool_type=tok needs a class token, and {name_or_path} has none: use --pool_type=attn")
     return pe_model.build_model(config)
 
 
 class TrainingForward(nn.Module):
-    """The CLIP model plus the one forward a training step needs, so that DDP / FSDP wrap a module whose
-    forward() is the whole step. Images and their masked copies go through the vision tower as one batch.
-
-    forward(images (B,3,H,W) or None, tokens (B,L) or None, masked_rows (M,): which images get a masked copy,
-            patch_mask (M, N) bool: the patches each copy hides) ->
-    (image_features (B,D) or None, text_features (B,D) or None, logit_scale (the multiplier),
-     clean_tokens (M,N,W) or None, masked_tokens (M,N,W) or None): the final ln_post'ed patch tokens of the
-     masked images' originals and of their masked copies, for mask regularization."""
+    """The CLIP model plus the one forward a training step needs, so that DDP / FSDP wrap a module whose forward()
+    is the whole step; images and their masked copies go through the vision tower as one batch.
+    forward(images (B,3,H,W), tokens (B,L), masked_rows (M,): the images that get a masked copy, patch_mask (M,N)
+    bool: the patches each copy hides) -> (image_features (B,D), text_features (B,D), logit_scale (the
+    multiplier), clean_tokens, masked_tokens (M,N,W): the final ln_post'ed patch tokens of the masked images'
+    originals and copies, for mask regularization); None for what is not given or computed."""
 
     def __init__(self, model):
         super().__init__()
@@ -175,9 +165,8 @@ class TrainingForward(nn.Module):
         if images is not None:
             visual, batch = self.model.visual, images.shape[0]
             if masked_rows is not None:
-                copies = images[masked_rows]  # (M, 3, H, W): hidden patches enter as zero embeddings
                 patch_mask = torch.cat([patch_mask.new_zeros(batch, patch_mask.shape[1]), patch_mask])
-                images = torch.cat([images, copies])  # (B + M, 3, H, W)
+                images = torch.cat([images, images[masked_rows]])  # (B + M, 3, H, W): the copies after the batch
             all_tokens = visual.forward_features(images, norm=True, patch_mask=patch_mask)  # (B + M, N(+1), W)
             image_features = F.normalize(visual.pool(all_tokens[:batch]), dim=-1)  # (B, D)
             if masked_rows is not None:
@@ -186,11 +175,6 @@ class TrainingForward(nn.Module):
         if tokens is not None:
             text_features = self.model.encode_text(tokens, normalize=True)  # (B, D)
         return image_features, text_features, self.model.logit_scale.exp(), clean_tokens, masked_tokens
-
-
-def unwrap(train_forward):
-    """The CLIP model inside a (DDP-wrapped) TrainingForward."""
-    return training.unwrap(train_forward).model
 
 
 def parse_stages(stages):
@@ -223,11 +207,8 @@ def resolution_at(step, max_steps, stages):
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Data. The loader yields images at one load size; the trainer resizes each batch to the stage's resolution.
-# Batch order and every augmentation are functions of (seed, epoch, index) (data.py), so the position
-# (epoch, batch within the epoch) is all a checkpoint needs to continue the exact same stream.
-
-
+# Data: images at one load size, resized per batch to the stage's resolution. Batch order and augmentation are
+# functions of (seed, epoch, index) (data.py): a checkpoint's position (epoch, batch) continues the same stream.
 def build_train_dataset(cfg, load_size, bad_dir):
     """The training set named by cfg.data, augmented with the §2.1 augmentation at load_size."""
     augment = data.AugmentConfig(crop_scale=tuple(cfg.crop_scale), brightness=cfg.brightness,
@@ -270,11 +251,6 @@ class EpochIndexed(torch.utils.data.Dataset):
         return self.dataset[index]
 
 
-def epoch_order(num_items, epoch, seed):
-    """The shuffled order of the items in an epoch (the same on every rank)."""
-    return torch.randperm(num_items, generator=data.item_generator(seed, "order", epoch))
-
-
 def rank_batches(num_items, global_batch, start, rank, world_size, seed):
     """Index batches of this rank from position start = (epoch, batch), forever: global batch k of an epoch
     is order[k*G : (k+1)*G] and rank r takes its r-th slice, so the union over ranks does not depend on the
@@ -282,7 +258,7 @@ def rank_batches(num_items, global_batch, start, rank, world_size, seed):
     epoch, batch = start
     local = global_batch // world_size
     while True:
-        order = epoch_order(num_items, epoch, seed)
+        order = torch.randperm(num_items, generator=data.item_generator(seed, "order", epoch))  # same on all ranks
         for k in range(batch, num_items // global_batch):
             mine = order[k * global_batch + rank * local: k * global_batch + (rank + 1) * local]
             yield [(epoch, int(i)) for i in mine]
@@ -290,14 +266,9 @@ def rank_batches(num_items, global_batch, start, rank, world_size, seed):
 
 
 def trim_padding(tokens):
-    """Drop the padding columns that no caption of the batch reaches: (B, L) -> (B, longest caption). Exact,
-    not an approximation: the text tower is causal and reads its output at the end-of-text token, so what
-    comes after it never matters; it halves the text tower's cost for short captions (emoji names)."""
+    """Drop the padding columns that no caption of the batch reaches: (B, L) -> (B, longest caption). Exact: the
+    text tower is causal and reads its output at the end-of-text token, so what comes after never matters."""
     return tokens[:, : max(1, int((tokens != pe_model.PAD_TOKEN_ID).sum(dim=1).max()))]
-
-
-def _empty_batch(load_size, context_length):
-    return torch.zeros(0, 3, load_size, load_size), torch.zeros(0, context_length, dtype=torch.long)
 
 
 def _map_stream(dataset, cfg, start, rank, world_size, collate):
@@ -342,7 +313,8 @@ def train_batches(dataset, cfg, start, rank, world_size, load_size, context_leng
     batches_since_data, epochs_since_data = 0, 0
     while True:
         position, batch, exhausted = next(stream)
-        images, tokens = batch if batch is not None else _empty_batch(load_size, context_length)
+        images, tokens = batch if batch is not None else (torch.zeros(0, 3, load_size, load_size),
+                                                          torch.zeros(0, context_length, dtype=torch.long))
         status = torch.tensor([float(exhausted), float(len(images))])
         if group is not None:
             dist.all_reduce(status, group=group)
@@ -366,24 +338,19 @@ def train_batches(dataset, cfg, start, rank, world_size, load_size, context_leng
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Mask regularization (§2.1). "We want the model to produce the same features if some patches are not
-# visible", but CLIP gradients through masked images could alter its behaviour on unmasked ones, so the paper
-# turns MaskFeat (Wei et al. 2022) into a regularizer: 1/16 of the batch is duplicated and masked (Tab. 18:
-# mask reg batch 8,192 of 131,072, mask reg ratio 0.4), and at the output the masked tokens are aligned to
-# their unmasked counterparts by maximising cosine similarity, with the CLIP and the mask gradients kept
-# disjoint. Here: the masked copies stay out of the contrastive loss, and the unmasked side is the detached
-# target. What the paper leaves open, we take in its simplest faithful reading:
-#  - masking replaces a patch's pixels by 0 (the mean of the [-1, 1] input range): with conv1 having no bias,
-#    the patch enters the tower as its position embedding alone, a fixed, parameter-free "mask token" that
-#    keeps the official state_dict layout;
+# Mask regularization (§2.1): "we want the model to produce the same features if some patches are not visible",
+# but CLIP gradients through masked images could alter its behaviour on unmasked ones, so MaskFeat (Wei et al.
+# 2022) becomes a regularizer: 1/16 of the batch is duplicated and masked (Tab. 18: 8,192 of 131,072, ratio 0.4)
+# and the masked copies' output tokens are aligned to their unmasked counterparts by cosine, the CLIP and mask
+# gradients kept disjoint (the copies stay out of the contrastive loss; the unmasked side is a detached target).
+# What the paper leaves open, in its simplest faithful reading:
+#  - a masked patch's pixels are 0 (the middle of [-1, 1]): with the bias-free conv1 it enters the tower as its
+#    position embedding alone, a fixed, parameter-free "mask token" (the official state_dict layout is kept);
 #  - patches are masked uniformly at random (the pattern is not stated), round(0.4 x patches) per copy;
-#  - the aligned tokens are the final ln_post'ed patch tokens at the masked positions ("the masked tokens"),
-#    loss = mean over them of 1 - cos, weight mask_weight = 1 next to the CLIP loss (no weight is stated).
-
-
+#  - the aligned tokens are the final ln_post'ed patch tokens at the masked positions, loss = mean of 1 - cos,
+#    mask_weight 1 beside the CLIP loss (no weight is stated).
 def sample_masks(batch_size, grid_size, fraction, ratio, step, seed, offset=0):
     """Which rows of a batch get a masked copy, and which patches each copy hides.
-
     rows (M,): the positions j with (offset + j) % round(1 / fraction) == 0, offset = the position of this
     rank's first image in the global batch, so the chosen images do not depend on the number of ranks.
     patch_mask (M, grid_size**2) bool, True = masked: round(ratio * grid_size**2) patches per copy, drawn from
@@ -402,9 +369,8 @@ def sample_masks(batch_size, grid_size, fraction, ratio, step, seed, offset=0):
 
 
 def mask_regularization_loss(clean_tokens, masked_tokens, patch_mask):
-    """(sum over the masked positions of 1 - cos(masked token, unmasked token), number of masked positions).
-    clean_tokens, masked_tokens: (M, N, W) patch tokens of the images and of their masked copies; the clean
-    side is detached (it is the target). A sum and a count, so that ranks can form the global mean."""
+    """(sum over the masked positions of 1 - cos(masked token, unmasked token), their number): a sum and a count,
+    for the global mean over ranks. clean_tokens (detached: the target), masked_tokens: (M, N, W)."""
     similarity = F.cosine_similarity(masked_tokens.float(), clean_tokens.detach().float(), dim=-1)  # (M, N)
     patch_mask = patch_mask.to(similarity.device)
     return (1 - similarity)[patch_mask].sum(), patch_mask.sum()
@@ -413,9 +379,8 @@ def mask_regularization_loss(clean_tokens, masked_tokens, patch_mask):
 def contrastive_step(train_forward, optimizer, images, tokens, masking=None, mask_weight=1.0, group=None,
                      autocast=False):
     """One optimizer update: forward, the contrastive loss over the global batch (+ mask regularization),
-    backward, step. masking: (rows, patch_mask) of sample_masks, or None. autocast: bf16 autocast of the
-    forward (GPU). Returns the global losses as floats (the same on every rank): {"loss", "clip_loss",
-    "mask_loss"}."""
+    backward, step. masking: sample_masks' (rows, patch_mask), or None; autocast: bf16 (GPU). Returns the
+    global losses as floats (the same on every rank): {"loss", "clip_loss", "mask_loss"}."""
     world_size = dist.get_world_size(group) if group is not None else 1
     rows, patch_mask = masking if masking is not None and len(masking[0]) else (None, None)
     with torch.autocast(images.device.type, dtype=torch.bfloat16, enabled=autocast):
@@ -424,9 +389,8 @@ def contrastive_step(train_forward, optimizer, images, tokens, masking=None, mas
     clip_loss = contrastive_loss(image_features.float(), text_features.float(), logit_scale.float(), group)
     loss, mask_loss = clip_loss, torch.zeros(())
     if masking is not None:
-        total, count = torch.zeros((), device=images.device), torch.zeros((), device=images.device)
-        if rows is not None:
-            total, count = mask_regularization_loss(clean_tokens, masked_tokens, patch_mask)
+        total, count = (mask_regularization_loss(clean_tokens, masked_tokens, patch_mask) if rows is not None else
+                        (torch.zeros((), device=images.device), torch.zeros((), device=images.device)))
         sums = torch.stack([total.detach().float(), count.float()])
         if group is not None:
             dist.all_reduce(sums, group=group)
@@ -436,7 +400,7 @@ def contrastive_step(train_forward, optimizer, images, tokens, masking=None, mas
         mask_loss = sums[0] / sums[1].clamp(min=1)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
-    clip = unwrap(train_forward)
+    clip = training.unwrap(train_forward).model
     if group is not None and training.is_fsdp(train_forward):  # the replicated logit scale (wrap_for_training)
         dist.all_reduce(clip.logit_scale.grad, group=group)
         clip.logit_scale.grad.div_(world_size)
@@ -453,22 +417,21 @@ def zero_shot_accuracy(train_forward, images, labels, class_names, resolution, b
     training module's forward, which an FSDP model needs to gather its shards (every rank runs it)."""
     device = next(train_forward.parameters()).device
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
-        classifier = pe_model.zero_shot_classifier(unwrap(train_forward), class_names, data.ZERO_SHOT_TEMPLATES,
-                                                   4096, device, lambda tokens: train_forward(None, tokens)[1])
+        classifier = pe_model.zero_shot_classifier(training.unwrap(train_forward).model, class_names,
+                                                   data.ZERO_SHOT_TEMPLATES, 4096, device,
+                                                   lambda tokens: train_forward(None, tokens)[1])
         correct = 0
         for start in range(0, len(images), batch_size):
             batch = images[start: start + batch_size].to(device)
             if batch.shape[-1] != resolution:
                 batch = F.interpolate(batch, size=(resolution, resolution), mode="bilinear", antialias=True)
-            features = train_forward(batch)[0].float()  # (b, D)
-            correct += (features @ classifier.float().T).argmax(dim=1).eq(labels[start: start + batch_size].to(device)).sum()
+            logits = train_forward(batch)[0].float() @ classifier.float().T  # (b, classes)
+            correct += logits.argmax(dim=1).eq(labels[start: start + batch_size].to(device)).sum()
     return float(correct) / max(1, len(images))
 
 
 # ---------------------------------------------------------------------------------------------------------
 # The training loop
-
-
 def train(cfg):
     """Run the training of `cfg` (from any number of torchrun processes); returns a summary dict: losses
     (this process's run, one per step), final checkpoint path, zero-shot accuracy, bad-sample counts."""
@@ -496,11 +459,8 @@ def train(cfg):
     bad_dir = os.path.join(cfg.out_dir, "bad_samples")
     training.remove_partial_writes(cfg.out_dir, rank)
     resumed_from, state, position = (training.resume_latest(cfg.out_dir, "*.pt", train_forward, model, optimizer,
-                                                            rank, world_size) if cfg.resume else (None, None, None))
-    step, position = (int(state["step"]), position) if resumed_from else (0, (0, 0))
-    if not resumed_from:
-        data.BadSamples.reset(bad_dir)  # a fresh run counts its own bad samples, not an earlier run's
-    dataset = build_train_dataset(cfg, load_size, bad_dir)
+                                                            rank, world_size) if cfg.resume else (None, None, (0, 0)))
+    step = int(state["step"]) if resumed_from else 0
     if resumed_from:
         changed = [k for k, v in state.get("train_config", {}).items()
                    if k in ("global_batch", "max_steps", "resolution_stages", "seed", "lr", "optimizer")
@@ -508,12 +468,14 @@ def train(cfg):
         if master and changed:
             print(f"warning: resuming with different {', '.join(changed)}: the loss curve will differ from an "
                   "uninterrupted run")
-    if master:
-        if cfg.resume and not resumed_from:
+    else:
+        data.BadSamples.reset(bad_dir)  # a fresh run counts its own bad samples, not an earlier run's
+        if master and cfg.resume:
             print(f"--resume: no checkpoint in {cfg.out_dir}, starting from scratch")
-        if not resumed_from and training.latest_checkpoint(cfg.out_dir):
+        if master and training.latest_checkpoint(cfg.out_dir):
             print(f"note: {cfg.out_dir} holds checkpoints of an earlier run; this run starts from scratch "
                   "(--resume continues the newest)")
+    dataset = build_train_dataset(cfg, load_size, bad_dir)
     metrics = training.MetricsLog(os.path.join(cfg.out_dir, "metrics.jsonl"), step if resumed_from else None, master)
 
     val_images = val_labels = class_names = None
@@ -523,8 +485,7 @@ def train(cfg):
         val_labels = torch.tensor([i % cfg.num_classes for i in range(len(val_set))])
         class_names = val_set.class_names
 
-    def evaluate():
-        """Zero-shot top-1 on the held-out split (every rank runs the same forwards: FSDP needs them all)."""
+    def evaluate():  # every rank runs the same forwards (FSDP needs them all)
         train_forward.eval()
         accuracy = zero_shot_accuracy(train_forward, val_images, val_labels, class_names, stages[-1][1],
                                       cfg.eval_batch, autocast)

@@ -22,10 +22,9 @@ import torch.nn as nn
 
 import pe_model
 
+
 # ---------------------------------------------------------------------------------------------------------
 # Configs: every field of a stage's config dataclass is an option, --field=value (a bare --flag sets a bool).
-
-
 def _parse_value(text, kind, name):
     origin = typing.get_origin(kind)
     if origin is typing.Union:  # Optional[X]
@@ -35,16 +34,15 @@ def _parse_value(text, kind, name):
         origin = typing.get_origin(kind)
     try:
         if kind is bool:
-            if text.lower() not in ("1", "true", "yes", "on", "0", "false", "no", "off"):
-                raise ValueError(text)
-            return text.lower() in ("1", "true", "yes", "on")
+            return {"1": True, "true": True, "yes": True, "on": True, "0": False, "false": False, "no": False,
+                    "off": False}[text.lower()]
         if kind in (int, float, str):
             return kind(text)
         if origin in (tuple, list):  # comma-separated: --resolution_stages=0.25:98,0.75:224
             item = typing.get_args(kind)[0] if typing.get_args(kind) else str
             values = [_parse_value(v, item, name) for v in text.split(",") if v != ""]
             return tuple(values) if origin is tuple else values
-    except (ValueError, TypeError):
+    except (ValueError, TypeError, KeyError):
         raise SystemExit(f"--{name}={text}: not a valid {getattr(kind, '__name__', kind)}") from None
     return text
 
@@ -62,11 +60,9 @@ def parse_config(config, argv=None, rules=None):
         name = name.replace("-", "_")
         if name not in names:
             raise SystemExit(f"unknown option --{name}; the options are: " + " ".join(f"--{n}" for n in names))
-        if not has_value:
-            if hints[name] is not bool:
-                raise SystemExit(f"--{name} needs a value: --{name}=...")
-            text = "true"
-        setattr(config, name, _parse_value(text, hints[name], name))
+        if not has_value and hints[name] is not bool:
+            raise SystemExit(f"--{name} needs a value: --{name}=...")
+        setattr(config, name, _parse_value(text if has_value else "true", hints[name], name))
     return check_config(config, rules)
 
 
@@ -75,13 +71,8 @@ def positive(*names):
     return {name: (lambda v: v >= 1, "an integer >= 1") for name in names}
 
 
-def _unit(v):
-    return all(0 <= x <= 1 for x in (v if isinstance(v, (tuple, list)) else [v]))
-
-
-# Values no run can use, checked at start for every stage whose config has the field: field -> (test, what is
-# allowed). Any other number must be finite and >= 0 (counts, sizes, steps, rates); a stage adds its own rules
-# beside its config, passed as parse_config(..., rules=).
+# Values no run can use: field -> (test, what is allowed), checked at start for every stage whose config has the
+# field; any other number must be finite and >= 0. A stage passes its own as parse_config(..., rules=).
 RULES = {
     "global_batch": (lambda v: v >= 2, "an integer >= 2 (a contrastive loss needs at least one negative)"),
     **positive("batch_size", "max_steps", "eval_batch", "eval_batch_size", "num_frames", "log_every"),
@@ -92,8 +83,8 @@ RULES = {
     "device": (lambda v: v in ("", "auto") or torch.device(v), "auto, cpu, cuda or cuda:N"),
     "model": (lambda v: not v or v in pe_model.VISION_CONFIGS or os.path.isfile(v),
               "an official name (" + ", ".join(pe_model.VISION_CONFIGS) + ") or a JSON config file"),
-    **{name: (_unit, "in [0, 1]") for name in ("hflip_prob", "mask_fraction", "mask_ratio", "drop_path",
-                                                "brightness", "saturation", "embedded_refined_fraction")},
+    **dict.fromkeys(("hflip_prob", "mask_fraction", "mask_ratio", "drop_path", "brightness", "saturation",
+                     "embedded_refined_fraction"), (lambda v: 0 <= v <= 1, "in [0, 1]")),
 }
 
 
@@ -101,15 +92,14 @@ def check_config(config, rules=None):
     """Stop with one line naming the first field whose value no run can use, its value and what is allowed."""
     rules = {**RULES, **(rules or {})}
     for field in fields(config):
-        value = getattr(config, field.name)
-        rule = rules.get(field.name)
+        value, rule = getattr(config, field.name), rules.get(field.name)
         numbers = [v for v in (value if isinstance(value, (tuple, list)) else [value])
                    if isinstance(v, (int, float)) and not isinstance(v, bool)]
         if rule is None and numbers:
             rule = (lambda v: all(math.isfinite(x) and x >= 0 for x in numbers), "a finite number >= 0")
         try:
             ok = rule is None or value is None or (all(map(math.isfinite, numbers)) and rule[0](value))
-        except (ValueError, TypeError, KeyError, RuntimeError):  # a rule that raises (say, on a malformed pattern) fails
+        except (ValueError, TypeError, KeyError, RuntimeError):  # a rule that raises (a malformed pattern) fails
             ok = False
         if not ok:
             shown = ",".join(map(str, value)) if isinstance(value, (tuple, list)) else value
@@ -128,7 +118,6 @@ def load_plugin(spec, option):
 
 # ---------------------------------------------------------------------------------------------------------
 # The PE-core checkpoint a stage starts from, and what it was trained on.
-
 DEFAULT_CORE_DIR = "out/clip"  # where `python train_clip.py` writes with its default settings
 
 
@@ -139,19 +128,16 @@ def latest_checkpoint(out_dir=DEFAULT_CORE_DIR, pattern="*.pt"):
 
 
 def resolve_checkpoint(path=None):
-    """`path` if given (it must exist), else the newest checkpoint `python train_clip.py` wrote with its
-    default settings; otherwise one message saying how to make one. hf:REPO[/FILE] or an official name
-    (PE-Core-T16-384) is the file from the Hugging Face hub (pe_model.hub_download, its cache and environment)."""
-    if path and (path.startswith("hf:") or path in pe_model.VISION_CONFIGS) and not os.path.isfile(path):
+    """`path` (it must exist; hf:REPO[/FILE] or an official name: that file from the Hugging Face hub, as
+    pe_model.hub_download), else the newest checkpoint of a default `python train_clip.py`, else one message."""
+    if path and not os.path.isfile(path):
+        if not path.startswith("hf:") and path not in pe_model.VISION_CONFIGS:
+            raise SystemExit(f"--checkpoint={path}: no such file")
         try:
             return pe_model.hub_download(path.removeprefix("hf:"))
         except Exception as error:  # no huggingface_hub, offline without the file, no such repo
             raise SystemExit(f"--checkpoint={path}: {str(error).splitlines()[0]}") from error
-    if path:
-        if not os.path.isfile(path):
-            raise SystemExit(f"--checkpoint={path}: no such file")
-        return path
-    found = latest_checkpoint()
+    found = path or latest_checkpoint()
     if found is None:
         raise SystemExit(f"no checkpoint given and none found in {DEFAULT_CORE_DIR}/: run `python train_clip.py` first "
                          "(minutes on CPU), or pass --checkpoint=PATH (ours, or an official .pt with --model=NAME)")
@@ -176,8 +162,6 @@ def final_resolution(train_config, default):
 
 # ---------------------------------------------------------------------------------------------------------
 # Distributed: torchrun's environment variables alone switch it on (as in nanoGPT).
-
-
 def setup_distributed():
     """(rank, world_size, local_rank, device). Under torchrun (WORLD_SIZE > 1) joins the process group: NCCL
     with one GPU per process, gloo on CPU. A plain `python` run is rank 0 of 1, on the GPU if there is one."""
@@ -205,21 +189,18 @@ def gather_per_rank(value, world_size):
 
 def is_fsdp(module):
     from torch.distributed.fsdp import FSDPModule
-
     return isinstance(module, FSDPModule)
 
 
 def wrap_for_training(module, device, world_size, fsdp=False, replicated=()):
-    """DDP (default) or FSDP2 around `module` when world_size > 1; the module itself otherwise. FSDP shards
-    every transformer block (any `resblocks`), then the rest; `replicated` parameters (a 0-dim logit scale,
-    which fully_shard cannot shard) stay whole, and their gradients must be averaged by the caller. Build the
-    optimizer AFTER this: fully_shard replaces the parameters by sharded DTensors."""
+    """DDP (default) or FSDP2 around `module` when world_size > 1. FSDP shards each block of any `resblocks`,
+    then the rest; `replicated` parameters (a 0-dim logit scale fully_shard cannot shard) stay whole, the caller
+    averaging their gradients. Build the optimizer AFTER this: fully_shard swaps in sharded DTensors."""
     if world_size == 1:
         return module
     if fsdp:
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import fully_shard
-
         mesh = init_device_mesh(device.type, (world_size,))
         for name, child in module.named_modules():
             if name.endswith("resblocks"):
@@ -239,10 +220,8 @@ def unwrap(module):
 # Optimizer. §2.1 switches from AdamW to LAMB, which allows a higher learning rate (2e-3 for L at 64K batch).
 # LAMB (You et al. 2020, Algorithm 2) is Adam whose update is rescaled per parameter tensor by the trust ratio
 # ||w|| / ||update||, so every layer moves by about lr x its own norm whatever its gradient scale.
-
-# Besides every 0/1-d parameter (biases, norms, LayerScale, class embedding, logit scale), the learned
-# position embeddings and the attention-pooling probe get neither weight decay nor the trust ratio: decaying
-# them towards 0 has no reason, and their norm is no meaningful scale for a layer-wise learning rate.
+# Besides every 0/1-d parameter (biases, norms, LayerScale, logit scale), the position and class embeddings
+# and the pooling probe get neither decay (nothing pulls them to 0) nor the trust ratio (their norm is no scale).
 NO_DECAY_NAMES = ("positional_embedding", "class_embedding", "probe", "logit_scale")
 
 
@@ -263,14 +242,12 @@ def _norm(tensor):
 
 
 class LAMB(torch.optim.Optimizer):
-    """LAMB with bias-corrected Adam moments and decoupled weight decay. For each parameter w with gradient g
+    """LAMB with bias-corrected Adam moments and decoupled weight decay; for each parameter w with gradient g
     at step t:
-
         m = b1 m + (1 - b1) g            v = b2 v + (1 - b2) g^2
         u = (m / (1 - b1^t)) / (sqrt(v / (1 - b2^t)) + eps) + weight_decay * w
         r = ||w|| / ||u||  (1 where either norm is 0, or the group has trust_ratio=False)
-        w = w - lr * r * u
-    """
+        w = w - lr * r * u"""
 
     def __init__(self, params, lr=2e-3, betas=(0.9, 0.95), eps=1e-6, weight_decay=0.0, trust_ratio=True):
         if lr < 0 or eps < 0 or weight_decay < 0 or not all(0 <= b < 1 for b in betas):
@@ -342,14 +319,11 @@ def set_lr(optimizer, lr):
 # Resumable checkpoints: {"model" (official state_dict layout), "config" (pe_model.get_config), "optimizer",
 # "step", "rng", "data_position" (one row per rank), plus the stage's extras}. Written atomically by rank 0;
 # every value is a tensor or plain Python data, so torch.load(weights_only=True) reads it.
-
-
 def rng_state():
     """The torch, CUDA, Python and NumPy RNG states, as tensors."""
     numpy_state = np.random.get_state()
     state = {"torch": torch.get_rng_state(), "python": torch.tensor(random.getstate()[1], dtype=torch.int64),
-             "numpy": torch.from_numpy(numpy_state[1].astype(np.int64)),
-             "numpy_position": torch.tensor(numpy_state[2])}
+             "numpy": torch.from_numpy(numpy_state[1].astype(np.int64)), "numpy_position": torch.tensor(numpy_state[2])}
     if torch.cuda.is_available():
         state["cuda"] = torch.stack(torch.cuda.get_rng_state_all())
     return state
@@ -365,13 +339,11 @@ def set_rng_state(state):
 
 def save_training_checkpoint(path, module, model, optimizer, step, position=(), world_size=1, extra=None):
     """Write a resumable checkpoint of `model` (the pe_model module inside the possibly wrapped `module`).
-    position: this rank's data position (ints); with world_size > 1 every rank's row is gathered (each rank
-    reads its own data), with 1 it is one row that all ranks share. Call on every rank (FSDP gathers the full
-    state collectively); rank 0 writes."""
+    position: this rank's data position (ints), gathered from every rank if world_size > 1, else one row all
+    ranks share. Call on every rank (FSDP gathers the full state collectively); rank 0 writes."""
     positions = gather_per_rank([int(v) for v in position], world_size)
     if is_fsdp(module):
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
-
         model_state, optimizer_state = get_state_dict(
             module, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
         model_state = {k.removeprefix("model."): v for k, v in model_state.items()}
@@ -382,7 +354,7 @@ def save_training_checkpoint(path, module, model, optimizer, step, position=(), 
         raise SystemExit(f"step {step}: {len(bad)} weight tensors are not finite ({', '.join(bad[:3])}, ...); "
                          f"{path} is not written. Lower the learning rate, or resume from the last checkpoint")
     if not dist.is_initialized() or dist.get_rank() == 0:
-            pe_model.save_checkpoint({"model": model_state, "config": pe_model.get_config(model), "step": step,
+        pe_model.save_checkpoint({"model": model_state, "config": pe_model.get_config(model), "step": step,
                                   "optimizer": optimizer_state, "rng": rng_state(),
                                   "data_position": torch.tensor(positions), **(extra or {})}, path)
 
@@ -397,15 +369,13 @@ def _config_difference(saved, built):
 
 
 def load_training_checkpoint(path, module, model, optimizer=None, rank=0, world_size=1):
-    """Restore weights, optimizer state and RNG states from save_training_checkpoint's file; returns (the whole
-    checkpoint dict, this rank's data position as a tuple). A file that cannot be read raises ValueError naming
-    it (nothing is restored); a checkpoint of another model, or written by another number of processes (every
-    rank's data position is its own), stops with one message."""
+    """Restore weights, optimizer and RNG states from save_training_checkpoint's file: (the checkpoint dict, this
+    rank's data position). An unreadable file raises ValueError naming it (nothing restored); one of another
+    model, or of another number of processes (each rank's position is its own), stops with one message."""
     blob = pe_model.read_checkpoint_file(path)
     if not isinstance(blob, dict) or "model" not in blob or "step" not in blob or "rng" not in blob:
         raise ValueError(f"{path}: not a resumable training checkpoint (no 'model', 'step' and 'rng')")
-    positions = blob.get("data_position", torch.zeros(1, 0, dtype=torch.long))
-    positions = positions.view(1, -1) if positions.dim() == 1 else positions
+    positions = torch.atleast_2d(blob.get("data_position", torch.zeros(1, 0, dtype=torch.long)))  # (ranks, ints)
     if len(positions) not in (1, world_size):  # one row: a position that every rank shares (train_clip)
         raise SystemExit(f"{path}: written by {len(positions)} process(es); resume it with as many (now {world_size})")
     difference = _config_difference(blob.get("config"), pe_model.get_config(model))
@@ -413,7 +383,6 @@ def load_training_checkpoint(path, module, model, optimizer=None, rank=0, world_
         raise SystemExit(f"{path}: a checkpoint of another model: {difference}")
     if is_fsdp(module):
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
-
         set_state_dict(module, optimizer, model_state_dict={f"model.{k}": v for k, v in blob["model"].items()},
                        optim_state_dict=blob["optimizer"], options=StateDictOptions(full_state_dict=True))
     else:
@@ -431,10 +400,9 @@ def load_training_checkpoint(path, module, model, optimizer=None, rank=0, world_
     return blob, tuple(int(v) for v in positions[rank if len(positions) > 1 else 0])
 
 
-def resume_latest(out_dir, pattern, module, model, optimizer=None, rank=0, world_size=1):
-    """--resume: load_training_checkpoint from the newest checkpoint in out_dir matching `pattern`; returns
-    (path, checkpoint dict, position), or (None, None, None) if there is none. A newest file that cannot be read
-    (cut by a full disk, damaged) is named and passed over for the previous one."""
+def resume_latest(out_dir, pattern, module, model, optimizer=None, rank=0, world_size=1, start=(0, 0)):
+    """--resume: load_training_checkpoint the newest `pattern` file of out_dir -> (path, dict, position), else
+    (None, None, start); an unreadable one (cut by a full disk) is named and passed over for the previous one."""
     paths = [p for p in glob.glob(os.path.join(out_dir, pattern)) if os.path.isfile(p)]
     for path in sorted(paths, key=os.path.getmtime, reverse=True):
         try:
@@ -442,7 +410,7 @@ def resume_latest(out_dir, pattern, module, model, optimizer=None, rank=0, world
         except ValueError as error:
             if rank == 0:
                 print(f"warning: {error}; resuming from the previous checkpoint instead")
-    return None, None, None
+    return None, None, start
 
 
 def remove_partial_writes(out_dir, rank=0):
@@ -463,12 +431,11 @@ def prune_checkpoints(out_dir, keep, pattern="step_*.pt"):
 
 
 def epochs(set_epoch, make_loader, start, name="data"):
-    """Endless (batch, position after it) epoch after epoch; position = (epoch, loader batches used in it).
-    Every epoch's stream is a function of (seed, epoch), so continuing from a checkpoint's position gives the
-    uninterrupted run's exact stream. make_loader(epoch, skip) -> (loader, skipped): a loader of that epoch
-    without its first `skip` batches (skipped=True), or of the whole epoch, whose first `skip` batches are
-    then read and dropped (tar shards cannot be skipped unread). A None batch (bad samples only, counted by
-    the dataset) is passed over; an epoch without one good batch stops the run."""
+    """Endless (batch, position after it), epoch after epoch; position = (epoch, loader batches used in it). An
+    epoch's stream is a function of (seed, epoch), so a checkpoint's position continues it exactly.
+    make_loader(epoch, skip) -> (loader, skipped): the epoch without its first `skip` batches (skipped=True), or
+    all of it, those then read and dropped (tar shards cannot be skipped unread). A None batch (bad samples,
+    counted by the dataset) is passed over; an epoch without one good batch stops the run."""
     epoch, skip = start
     while True:
         set_epoch(epoch)
@@ -485,8 +452,6 @@ def epochs(set_epoch, make_loader, start, name="data"):
 
 # ---------------------------------------------------------------------------------------------------------
 # Metrics and reports
-
-
 class MetricsLog:
     """out_dir/metrics.jsonl, one JSON record per line. A resumed run keeps the lines up to its checkpoint's
     step and drops a killed run's later ones; a fresh run starts an empty file. Rank 0 writes."""
@@ -499,13 +464,12 @@ class MetricsLog:
         kept = []
         if resumed_step is not None and os.path.exists(path):
             with open(path) as f:
-                lines = f.readlines()
-            for number, line in enumerate(lines, 1):
-                try:
-                    if json.loads(line).get("step", 0) <= resumed_step:
-                        kept.append(line)
-                except json.JSONDecodeError:  # a line cut by a full disk or a power loss
-                    print(f"warning: {path} line {number} is not a whole JSON record (a cut write); dropped")
+                for number, line in enumerate(f, 1):
+                    try:
+                        if json.loads(line).get("step", 0) <= resumed_step:
+                            kept.append(line)
+                    except json.JSONDecodeError:  # a line cut by a full disk or a power loss
+                        print(f"warning: {path} line {number} is not a whole JSON record (a cut write); dropped")
         with open(path, "w") as f:
             f.writelines(kept)
 
@@ -515,20 +479,10 @@ class MetricsLog:
                 f.write(json.dumps(record) + "\n")
 
 
-def json_safe(value):
-    """NaN (a probe with nothing to score) -> null, so a results file is strict JSON."""
-    if isinstance(value, float) and math.isnan(value):
-        return None
-    if isinstance(value, dict):
-        return {k: json_safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [json_safe(v) for v in value]
-    return value
-
-
 def write_json(path, obj, indent=2):
-    """obj as strict JSON at path, atomically."""
-    pe_model.atomic_write(path, json.dumps(json_safe(obj), indent=indent, ensure_ascii=False))
+    """obj as strict JSON at path, atomically: NaN (a probe with nothing to score) and infinities -> null."""
+    strict = json.loads(json.dumps(obj), parse_constant=lambda constant: None)
+    pe_model.atomic_write(path, json.dumps(strict, indent=indent, ensure_ascii=False))
 
 
 def fmt(value, digits=1):

@@ -106,8 +106,6 @@ RULES = training.positive("num_videos", "video_length", "video_size", "video_cla
 # Stage 1: frame and clip captioning, into one record (JSON) per video, replaced atomically so that a crash never
 # leaves half a record; under torchrun every rank writes the records of its own videos. A captioner is any
 # callable frames (T, H, W, 3) uint8 -> str, called once per sampled frame (T = 1) and once for the clip.
-
-
 def read_record(record_dir, key):
     """The record of `key`, or None if there is none (or it is unreadable: it is then redone)."""
     try:
@@ -222,8 +220,6 @@ def caption_videos(videos, record_dir, captioner, bad, num_frames=8, rank=0, wor
 # ---------------------------------------------------------------------------------------------------------
 # Stage 2: human-refined captions. Stage 3: one caption per video; a summariser is any callable
 # (frame_captions, video_caption, metadata) -> str. Stage 4: tar shards. Then the whole engine.
-
-
 def read_annotations(path):
     """{video_id: {"refined_caption", "metadata"}} from a PVD-style JSONL file, one object per line: {"video_id":
     the video's key (video_key), "refined_caption": text, "metadata": optional fields (category, title, ...),
@@ -429,8 +425,6 @@ def embedded_caption_accuracy(out_dir):
 # Video finetuning (§2.2): PE core on the engine's video-caption pairs mixed with image-caption pairs, with the
 # contrastive loss over the global batch (optimizer, schedule, wrapping, checkpoints: training.py's). Stages
 # report, evaluate.py evaluates: the video zero-shot before and after runs as separate processes.
-
-
 def pool_videos(features, videos, num_frames):
     """(B*T + B_i, D) features of `videos` videos' frames then images -> (B + B_i, D): a video's feature is the
     mean of its frames' L2-normalised features (§2.2), renormalised."""
@@ -476,15 +470,13 @@ def finetune(cfg, model, shard_dir, device="cpu", rank=0, world_size=1, start_ch
     model = model.to(device).train()
     train_forward = training.wrap_for_training(model, device, world_size)  # DDP: gradients averaged over ranks
     optimizer = training.build_optimizer(model, cfg.optimizer, cfg.lr, cfg.betas, cfg.eps, cfg.weight_decay)
-    step = 0
     resumed, state, position = (training.resume_latest(cfg.out_dir, "video_finetune*.pt", train_forward, model,
-                                                       optimizer, rank, world_size) if cfg.resume else (None,) * 3)
-    if resumed:
-        if len(state["data_position"]) != world_size:  # each rank reads its own shards: its position is its own
-            raise SystemExit(f"{resumed}: written by {len(state['data_position'])} process(es); resume it "
-                             f"with as many (now {world_size})")
-        step = int(state["step"])
-    position = position or (0, 0, 0, 0)
+                                                       optimizer, rank, world_size, (0,) * 4) if cfg.resume
+                                else (None, None, (0,) * 4))
+    if resumed and len(state["data_position"]) != world_size:  # each rank reads its own shards: its own position
+        raise SystemExit(f"{resumed}: written by {len(state['data_position'])} process(es); resume it with as many "
+                         f"(now {world_size})")
+    step = int(state["step"]) if resumed else 0
     if cfg.resume and rank == 0:
         print(f"resuming the finetuning at step {step} from {resumed}" if resumed else
               f"--resume: no finetuning checkpoint in {cfg.out_dir}, starting from {start_checkpoint or 'the model'}")

@@ -13,7 +13,9 @@ Methods, all on one process:
                      logits per direction, the gathered features requiring grad (gather_with_grad).
   chunked/8          this loss's share of the work on rank 0 of 8: its b rows against all B texts
                      (the same tile functions, without the communication).
-The "/8" rows are per rank, so their time is about 1/8 of the full-batch rows.
+  open_clip local b=256, chunked b=256   the same two at a local batch of b = 256 pairs per GPU (PE's
+                     scale: B / 256 ranks), where a b x B problem must still fill the GPU (issue 14).
+The "/8" and "b=256" rows are per rank, so their time is about 1/8 (b/B) of the full-batch rows.
 
 Peak memory is what forward+backward adds to the inputs. CPU (Linux): each case runs in a fresh
 subprocess, resets its peak resident set once the inputs exist, and reports the growth of the peak
@@ -24,7 +26,8 @@ Time: best of 3 runs for B <= 4096, one run above (CPU); median of 3 after a war
 also the process's CPU time (time.process_time, all its threads), which a shared, oversubscribed
 machine disturbs far less than the wall-clock time.
 On CPU the full-batch rows (chunked, naive) stop at B = 16,384 unless asked for with --methods:
-B^2 d work at B = 65,536 is ~17 TFLOP, 10+ minutes on 2 cores; the "/8" rows cover that batch.
+B^2 d work at B = 65,536 is ~17 TFLOP, 10+ minutes on 2 cores; the "/8" rows cover that batch. The
+"b=256" rows are for GPUs: on CPU they run at B <= 4,096 only, unless asked for with --methods.
 Targets (issue 3): chunked peak linear in B; at B = 16,384 at most a tenth of the naive peak;
 on CPU, chunked time within 1.5x of naive where naive fits.
 """
@@ -50,15 +53,23 @@ LOGIT_SCALE = 100.0
 RANKS = 8               # the "/8" rows: b = B / RANKS
 CPU_LIMIT_GB = 8.0
 CPU_FULL_BATCH_MAX = 16384  # default CPU sweep: full-batch methods up to this B (time, see above)
-METHODS = ["chunked", "naive", "open_clip local/8", "chunked/8"]
+CPU_LOCAL_256_MAX = 4096    # default CPU sweep: the b=256 rows up to this B
+LOCAL_BATCH = 256           # the "b=256" rows: pairs per GPU at PE scale
+METHODS = ["chunked", "naive", "open_clip local/8", "chunked/8", "open_clip local b=256", "chunked b=256"]
 # fp32 buffers of (B, B) (naive) or (b, B) (local loss) at the peak, to skip cases that cannot fit:
 # measured 4.0-4.2 at B = 4096 and 16384 (bench/RESULTS.md), plus a margin
 LOGIT_BUFFERS = 4.5
 
 
+def local_rows(method, batch):
+    """b, the rows (pairs) of rank 0 in a per-rank method."""
+    return min(LOCAL_BATCH, batch) if method.endswith("b=256") else batch // RANKS
+
+
 def estimated_peak_gb(method, batch):
-    local = batch // RANKS
-    logits = {"naive": LOGIT_BUFFERS * batch * batch, "open_clip local/8": LOGIT_BUFFERS * local * batch}
+    local = local_rows(method, batch)
+    logits = {"naive": LOGIT_BUFFERS * batch * batch, "open_clip local/8": LOGIT_BUFFERS * local * batch,
+              "open_clip local b=256": LOGIT_BUFFERS * local * batch}
     return 4 * (logits.get(method, 0) + 6 * batch * DIM) / 1e9
 
 
@@ -76,19 +87,17 @@ def naive_loss(image, text, scale):
     return (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2
 
 
-def open_clip_local_loss(image, text, scale):
-    """Rank 0 of RANKS: its own b pairs against the gathered B (open_clip's local_loss=True)."""
-    local = image.shape[0] // RANKS
+def open_clip_local_loss(image, text, scale, local):
+    """Rank 0: its own b = `local` pairs against the gathered B (open_clip's local_loss=True)."""
     logits_per_image = scale * image[:local] @ text.T                      # (b, B)
     logits_per_text = scale * text[:local] @ image.T                       # (b, B)
     labels = torch.arange(local, device=image.device)                      # rank 0: offset 0
     return (F.cross_entropy(logits_per_image, labels) + F.cross_entropy(logits_per_text, labels)) / 2
 
 
-def chunked_rank_work(image, text, scale):
-    """The tile work of rank 0 of RANKS in contrastive_loss: b rows against all B texts, forward
+def chunked_rank_work(image, text, scale, local):
+    """The tile work of rank 0 in contrastive_loss: its b = `local` rows against all B texts, forward
     (log-sum-exps) and backward (weighted sums). Not differentiable; returns nothing."""
-    local = image.shape[0] // RANKS
     image, text, scale = image.detach()[:local], text.detach(), scale.detach().reshape(1)
     if image.is_cuda:
         lse_rows, lse_cols = closs._tile_lse_triton(image, text, scale, 64)
@@ -99,11 +108,13 @@ def chunked_rank_work(image, text, scale):
 
 
 def forward_backward(method, image, text, scale):
-    if method == "chunked/8":
-        return chunked_rank_work(image, text, scale)
-    loss_fn = {"chunked": closs.contrastive_loss, "naive": naive_loss,
-               "open_clip local/8": open_clip_local_loss}[method]
-    loss_fn(image, text, scale).backward()
+    local = local_rows(method, image.shape[0])
+    if method.startswith("chunked") and method != "chunked":
+        return chunked_rank_work(image, text, scale, local)
+    if method.startswith("open_clip"):
+        open_clip_local_loss(image, text, scale, local).backward()
+    else:
+        {"chunked": closs.contrastive_loss, "naive": naive_loss}[method](image, text, scale).backward()
     image.grad = text.grad = scale.grad = None
 
 
@@ -175,12 +186,26 @@ def parse_args(argv):
     return options
 
 
+def dry_run_check(argv):
+    """For bench/gpu_check.py --dry-run: the options parse and name known methods; nothing is run."""
+    options = parse_args(argv)
+    methods = options["methods"].split(",") if options["methods"] else METHODS
+    unknown = set(methods) - set(METHODS)
+    if unknown:
+        raise SystemExit(f"unknown --methods {sorted(unknown)}; the methods are {METHODS}")
+    batches = [int(b) for b in options["batches"].split(",")]
+    return f"parses; B = {batches} x {len(methods)} methods (b = 256: {[m for m in methods if 'b=256' in m]})"
+
+
 def skip_reason(method, batch, device, limit_gb, methods_asked):
     estimate = estimated_peak_gb(method, batch)
     if estimate > limit_gb:
         return f"skipped (needs ~{estimate:.0f} GB)"
-    if device == "cpu" and not methods_asked and "/" not in method and batch > CPU_FULL_BATCH_MAX:
+    per_rank = "/" in method or method.endswith("b=256")
+    if device == "cpu" and not methods_asked and not per_rank and batch > CPU_FULL_BATCH_MAX:
         return "skipped (CPU time; --methods=" + method + " runs it)"
+    if device == "cpu" and not methods_asked and method.endswith("b=256") and batch > CPU_LOCAL_256_MAX:
+        return "skipped (a GPU case; --methods=" + method + " runs it on CPU)"
     return None
 
 

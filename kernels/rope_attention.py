@@ -1,10 +1,9 @@
-"""Fused 2D-RoPE attention: softmax(rot(q) rot(k)^T / sqrt(D)) v in one Triton kernel, forward and backward.
+"""Fused 2D-RoPE attention: softmax(rot(q) rot(k)^T / sqrt(D)) v in Triton kernels, forward and backward.
 
 Every block of PE's vision tower (Bolya et al. 2025, arXiv 2504.13181; official code:
 core/vision_encoder/rope.py and pe.py of facebookresearch/perception_models) rotates q and k with 2D RoPE,
-then runs attention. Done separately, the rotation is an extra pass over memory that writes rotated copies
-of q and k and reads them back; here it happens inside a flash-attention kernel (FlashAttention-2, Dao
-2023), in registers.
+then runs attention. Here the rotation is one Triton pass per tensor around a flash-attention kernel
+(FlashAttention-2, Dao 2023), and the backward's inverse rotation happens in registers.
 
     rope_attention(q, k, v, angles)            q, k, v (B, H, N, D); angles (N, D) float32 -> (B, H, N, D)
     rope_attention_reference(q, k, v, angles)  the same in plain PyTorch: rope_apply, then SDPA
@@ -26,26 +25,24 @@ and the result cast back to the input dtype, as the official code does. The firs
 angles x f_j, the second half row angles y f_j, f_j = 10000^(-4j/D); a class token has a row of zeros.
 
 Where the rotation happens. The (N, D) angle table becomes (N, D/2) cos and sin tables (one angle per pair,
-column 2i; cached per table, so one table per grid and device serves every block). Each kernel loads a
-(rows, D) tile of q or k, rotates its even and odd halves in float32 with the matching cos/sin tiles, and
-casts to the input dtype before the tl.dot: the tensor cores see the operands rotate-then-attend would.
-  * forward: one program per (query block, batch*head). rot(q) once; the loop over key blocks rotates
-    each k tile, then the online softmax (running max m, running sum l, exp2 with log2(e) folded into
-    the scale). Stores O and the log-sum-exp LSE = m + log2(l) (base 2, float32, (B*H, N)).
-  * backward, dq kernel: one program per query block; computes Delta = rowsum(dO * O) for its rows and
-    stores it, then loops over key blocks recomputing P = exp2(S - LSE) and accumulates
-    d rot(q) = scale * dS rot(k), dS = P * (dO v^T - Delta).
-  * backward, dk/dv kernel (launched after the dq kernel, reads its Delta): one program per key block,
-    loops over query blocks: dv += P^T dO, d rot(k) += scale * dS^T rot(q).
-  * The rotation is orthogonal, so the gradient with respect to the unrotated input is the inverse
-    rotation (angle -a) of the gradient with respect to the rotated one: dq = rot(d rot(q), -angles),
-    applied once, in registers, before dq and dk are stored.
+column 2i; cached per table, so one table per grid and device serves every block). A tile's even and odd
+halves are rotated in float32 and cast to the input dtype: the tensor cores see the operands that
+rotate-then-attend would. Each tile is rotated once, never inside a flash loop:
+  * forward: a rotation kernel writes rot(k) (contiguous, input dtype); one program per (query block,
+    batch*head) rotates its q tile in registers, then loops over the rot(k) blocks with the online softmax
+    (running max m, running sum l, exp2 with log2(e) folded into the scale). Stores O and the
+    log-sum-exp LSE = m + log2(l) (base 2, float32, (B*H, N)).
+  * backward: rot(q) and rot(k) are written again (recomputed, not saved). dq kernel: one program per
+    query block; stores Delta = rowsum(dO * O) for its rows, then loops over key blocks recomputing
+    P = exp2(S - LSE): d rot(q) += scale * dS rot(k), dS = P * (dO v^T - Delta). dk/dv kernel (after the
+    dq kernel, reads its Delta): one program per key block, loops over query blocks: dv += P^T dO,
+    d rot(k) += scale * dS^T rot(q). The rotation is orthogonal, so dq = rot(d rot(q), -angles) (the
+    transpose; dk alike), applied once to the float32 sums, in registers, before dq and dk are stored.
 Saved for backward: q, k, v (unrotated, the caller's tensors or strided views of a fused qkv), O, LSE and
-the angle table: no rotated copy. Rows beyond N are masked; key columns beyond N get score -inf (forward)
-or probability 0 (backward). A head dim that is not a power of two (96 for PE-G) is padded with zeros.
-
-Bytes moved (T = B*H*N*D elements per tensor, s bytes each): rotate-then-attend 8 T s forward, 12 T s
-backward; fused 4 T s and 8 T s, and no rot(q), rot(k) (2 T s) kept for the backward.
+the angle table. Rows beyond N are masked; key columns beyond N get score -inf (forward) or probability 0
+(backward). A head dim that is not a power of two (96 for PE-G) is padded with zeros.
+Bytes moved (T = B*H*N*D elements per tensor, s bytes each, rotations included): 6 T s forward, 12 T s
+backward; rope_apply + SDPA 8 T s and 12 T s plus float32 temporaries, and it keeps rot(q), rot(k).
 """
 
 import math
@@ -107,7 +104,7 @@ def rope_attention_reference(q, k, v, angles):
 # ---------------------------------------------------------------------------------------------------
 # Triton kernels. program_id(0) is the batch*head index (CUDA's grid axes 1 and 2 stop at 65,535),
 # program_id(1) the row block. q, k, v (and dO) are read with the caller's (batch, head, row) strides, the
-# last one being 1; O, dq, dk, dv are written contiguous (B, H, N, D).
+# last one being 1; rot(q), rot(k), O, dq, dk, dv are contiguous (B, H, N, D).
 # DOT_DTYPE is the operand type of tl.dot: the input dtype on a GPU; float32 under the interpreter, whose
 # tl.dot cannot multiply bfloat16, with the operands still rounded to the input dtype first.
 
@@ -119,43 +116,45 @@ def _load_rows(PTR, offs_rows, mask_rows, offs_cols, mask_cols, row_stride):
 
 
 @triton.jit
-def _rotate_pairs(x, cos, sin, ROWS: tl.constexpr, BLOCK_D: tl.constexpr):
-    """Rotate the pairs (2i, 2i+1) of x (ROWS, BLOCK_D) by cos, sin (ROWS, BLOCK_D/2), in float32; -sin
-    rotates by -angle: the inverse rotation, used on the gradients."""
+def _rotate(x, COS, SIN, offs_rows, mask_rows, offs_p, mask_p, HALF: tl.constexpr, INVERSE: tl.constexpr,
+            ROWS: tl.constexpr, BLOCK_D: tl.constexpr):
+    """x (ROWS, BLOCK_D), the tile of these token rows, with its pairs (2i, 2i+1) rotated in float32 by their
+    angles, loaded as cos and sin tiles (ROWS, BLOCK_D/2); INVERSE: by -angle (used on the gradients)."""
+    cos = _load_rows(COS, offs_rows, mask_rows, offs_p, mask_p, HALF)
+    sin = _load_rows(SIN, offs_rows, mask_rows, offs_p, mask_p, HALF)
+    sin = -sin if INVERSE else sin
     even, odd = tl.split(tl.reshape(x.to(tl.float32), (ROWS, BLOCK_D // 2, 2)))  # (ROWS, BLOCK_D/2) each
     return tl.reshape(tl.join(even * cos - odd * sin, odd * cos + even * sin), (ROWS, BLOCK_D))
 
 
 @triton.jit
-def _angles(COS, SIN, offs_rows, mask_rows, offs_p, mask_p, HALF: tl.constexpr):
-    """The cos and sin tiles (rows, BLOCK_D/2) of the RoPE angle table at these token rows."""
-    return (_load_rows(COS, offs_rows, mask_rows, offs_p, mask_p, HALF),
-            _load_rows(SIN, offs_rows, mask_rows, offs_p, mask_p, HALF))
+def _rope_rotate_kernel(X, COS, SIN, OUT, stride_z, stride_h, stride_n, H, N, HEAD_DIM: tl.constexpr,
+                        BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+    """rot(x) for BLOCK_M rows of one (batch, head), stored contiguous (B, H, N, D) in x's dtype."""
+    bh = tl.program_id(0).to(tl.int64)
+    offs_m = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d, offs_p = tl.arange(0, BLOCK_D), tl.arange(0, BLOCK_D // 2)
+    mask_m, mask_d, mask_p = offs_m < N, offs_d < HEAD_DIM, offs_p < HEAD_DIM // 2
+    x = _load_rows(X + (bh // H) * stride_z + (bh % H) * stride_h, offs_m, mask_m, offs_d, mask_d, stride_n)
+    x = _rotate(x, COS, SIN, offs_m, mask_m, offs_p, mask_p, HEAD_DIM // 2, False, BLOCK_M, BLOCK_D)
+    tl.store(OUT + bh * N * HEAD_DIM + offs_m[:, None] * HEAD_DIM + offs_d[None, :], x.to(OUT.dtype.element_ty),
+             mask=mask_m[:, None] & mask_d[None, :])
 
 
 @triton.jit
-def _load_rotated(X, offs_rows, mask_rows, offs_d, mask_d, row_stride, COS, SIN, offs_p, mask_p, HALF: tl.constexpr,
-                  ROWS: tl.constexpr, BLOCK_D: tl.constexpr):
-    """rot(x) (float32) for a (ROWS, BLOCK_D) tile of q or k: the rotation happens on load, in registers."""
-    cos, sin = _angles(COS, SIN, offs_rows, mask_rows, offs_p, mask_p, HALF)
-    return _rotate_pairs(_load_rows(X, offs_rows, mask_rows, offs_d, mask_d, row_stride), cos, sin, ROWS, BLOCK_D)
-
-
-@triton.jit
-def _rope_attn_fwd_kernel(Q, K, V, COS, SIN, O, LSE, stride_z, stride_h, stride_n, H, N, qk_scale,
+def _rope_attn_fwd_kernel(Q, KR, V, COS, SIN, O, LSE, stride_z, stride_h, stride_n, H, N, qk_scale,
                           HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                           DOT_PRECISION: tl.constexpr, DOT_DTYPE: tl.constexpr):
     bh = tl.program_id(0).to(tl.int64)
-    base = (bh // H) * stride_z + (bh % H) * stride_h  # this (batch, head) in q, k, v
-    out_base = bh * N * HEAD_DIM  # ... and in the contiguous O
+    base = (bh // H) * stride_z + (bh % H) * stride_h  # this (batch, head) in q and v
+    out_base = bh * N * HEAD_DIM  # ... and in the contiguous rot(k) and O
     offs_m = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, BLOCK_D)
-    offs_p = tl.arange(0, BLOCK_D // 2)  # pair index
+    offs_d, offs_p = tl.arange(0, BLOCK_D), tl.arange(0, BLOCK_D // 2)  # offs_p: pair index
     mask_m, mask_d, mask_p = offs_m < N, offs_d < HEAD_DIM, offs_p < HEAD_DIM // 2
 
-    # rot(q) for this query block, rounded to the input dtype like rotate-then-attend would
-    q = _load_rotated(Q + base, offs_m, mask_m, offs_d, mask_d, stride_n, COS, SIN, offs_p, mask_p,
-                      HEAD_DIM // 2, BLOCK_M, BLOCK_D).to(Q.dtype.element_ty).to(DOT_DTYPE)
+    # rot(q) for this query block, once, rounded to the input dtype like rotate-then-attend would
+    q = _rotate(_load_rows(Q + base, offs_m, mask_m, offs_d, mask_d, stride_n), COS, SIN, offs_m, mask_m, offs_p,
+                mask_p, HEAD_DIM // 2, False, BLOCK_M, BLOCK_D).to(Q.dtype.element_ty).to(DOT_DTYPE)
 
     m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)  # running row max (log2 units)
     l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)  # running row sum of exp2(s - m_i)
@@ -163,8 +162,7 @@ def _rope_attn_fwd_kernel(Q, K, V, COS, SIN, O, LSE, stride_z, stride_h, stride_
     for start_n in range(0, N, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         mask_n = offs_n < N
-        k = _load_rotated(K + base, offs_n, mask_n, offs_d, mask_d, stride_n, COS, SIN, offs_p, mask_p,
-                          HEAD_DIM // 2, BLOCK_N, BLOCK_D).to(K.dtype.element_ty).to(DOT_DTYPE)
+        k = _load_rows(KR + out_base, offs_n, mask_n, offs_d, mask_d, HEAD_DIM).to(DOT_DTYPE)  # rot(k), rotated already
         v = _load_rows(V + base, offs_n, mask_n, offs_d, mask_d, stride_n).to(DOT_DTYPE)
 
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale  # (BLOCK_M, BLOCK_N), log2 units
@@ -183,22 +181,20 @@ def _rope_attn_fwd_kernel(Q, K, V, COS, SIN, O, LSE, stride_z, stride_h, stride_
 
 
 @triton.jit
-def _rope_attn_bwd_dq_kernel(Q, K, V, COS, SIN, O, DO, LSE, DELTA, DQ, stride_z, stride_h, stride_n,
+def _rope_attn_bwd_dq_kernel(QR, KR, V, COS, SIN, O, DO, LSE, DELTA, DQ, stride_z, stride_h, stride_n,
                              stride_doz, stride_doh, stride_don, H, N, qk_scale, sm_scale,
                              HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                              BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr, DOT_DTYPE: tl.constexpr):
     bh = tl.program_id(0).to(tl.int64)
-    base = (bh // H) * stride_z + (bh % H) * stride_h  # q, k, v: the caller's layout
+    base = (bh // H) * stride_z + (bh % H) * stride_h  # v: the caller's layout
     do_base = (bh // H) * stride_doz + (bh % H) * stride_doh
-    out_base = bh * N * HEAD_DIM  # O and DQ: contiguous
+    out_base = bh * N * HEAD_DIM  # rot(q), rot(k), O and DQ: contiguous
     row_base = bh * N  # LSE and Delta
     offs_m = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, BLOCK_D)
-    offs_p = tl.arange(0, BLOCK_D // 2)
+    offs_d, offs_p = tl.arange(0, BLOCK_D), tl.arange(0, BLOCK_D // 2)
     mask_m, mask_d, mask_p = offs_m < N, offs_d < HEAD_DIM, offs_p < HEAD_DIM // 2
 
-    q = _load_rotated(Q + base, offs_m, mask_m, offs_d, mask_d, stride_n, COS, SIN, offs_p, mask_p,
-                      HEAD_DIM // 2, BLOCK_M, BLOCK_D).to(Q.dtype.element_ty).to(DOT_DTYPE)
+    q = _load_rows(QR + out_base, offs_m, mask_m, offs_d, mask_d, HEAD_DIM).to(DOT_DTYPE)
     do = _load_rows(DO + do_base, offs_m, mask_m, offs_d, mask_d, stride_don).to(DOT_DTYPE)
     o = _load_rows(O + out_base, offs_m, mask_m, offs_d, mask_d, HEAD_DIM)
     delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)  # Delta_i = sum_j P_ij dP_ij = dO_i . O_i
@@ -209,49 +205,43 @@ def _rope_attn_bwd_dq_kernel(Q, K, V, COS, SIN, O, DO, LSE, DELTA, DQ, stride_z,
     for start_n in range(0, N, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         mask_n = offs_n < N
-        k = _load_rotated(K + base, offs_n, mask_n, offs_d, mask_d, stride_n, COS, SIN, offs_p, mask_p,
-                          HEAD_DIM // 2, BLOCK_N, BLOCK_D).to(K.dtype.element_ty).to(DOT_DTYPE)
+        k = _load_rows(KR + out_base, offs_n, mask_n, offs_d, mask_d, HEAD_DIM).to(DOT_DTYPE)
         v = _load_rows(V + base, offs_n, mask_n, offs_d, mask_d, stride_n).to(DOT_DTYPE)
 
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale  # (BLOCK_M, BLOCK_N)
         p = tl.where(mask_n[None, :], tl.exp2(s - lse[:, None]), 0.0)  # the forward's probabilities
         dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
         ds = p * (dp - delta[:, None])  # softmax backward
-        dq += tl.dot(ds.to(K.dtype.element_ty).to(DOT_DTYPE), k, input_precision=DOT_PRECISION)
+        dq += tl.dot(ds.to(KR.dtype.element_ty).to(DOT_DTYPE), k, input_precision=DOT_PRECISION)
 
-    # d rot(q) -> dq: rotate back by -angle (cos/sin loaded again rather than kept live through the loop)
-    cos_m, sin_m = _angles(COS, SIN, offs_m, mask_m, offs_p, mask_p, HEAD_DIM // 2)
-    dq = _rotate_pairs(dq * sm_scale, cos_m, -sin_m, BLOCK_M, BLOCK_D)
+    # d rot(q) -> dq: rotate back by -angle (cos/sin loaded here, not kept live through the loop; dk too)
+    dq = _rotate(dq * sm_scale, COS, SIN, offs_m, mask_m, offs_p, mask_p, HEAD_DIM // 2, True, BLOCK_M, BLOCK_D)
     tl.store(DQ + out_base + offs_m[:, None] * HEAD_DIM + offs_d[None, :], dq.to(DQ.dtype.element_ty),
              mask=mask_m[:, None] & mask_d[None, :])
 
 
 @triton.jit
-def _rope_attn_bwd_dkdv_kernel(Q, K, V, COS, SIN, DO, LSE, DELTA, DK, DV, stride_z, stride_h, stride_n,
+def _rope_attn_bwd_dkdv_kernel(QR, KR, V, COS, SIN, DO, LSE, DELTA, DK, DV, stride_z, stride_h, stride_n,
                                stride_doz, stride_doh, stride_don, H, N, qk_scale, sm_scale,
                                HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                                BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr, DOT_DTYPE: tl.constexpr):
     bh = tl.program_id(0).to(tl.int64)
-    base = (bh // H) * stride_z + (bh % H) * stride_h  # q, k, v: the caller's layout
+    base = (bh // H) * stride_z + (bh % H) * stride_h  # v: the caller's layout
     do_base = (bh // H) * stride_doz + (bh % H) * stride_doh
-    out_base = bh * N * HEAD_DIM  # DK and DV: contiguous
+    out_base = bh * N * HEAD_DIM  # rot(q), rot(k), DK and DV: contiguous
     row_base = bh * N  # LSE and Delta
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, BLOCK_D)
-    offs_p = tl.arange(0, BLOCK_D // 2)
+    offs_d, offs_p = tl.arange(0, BLOCK_D), tl.arange(0, BLOCK_D // 2)
     mask_n, mask_d, mask_p = offs_n < N, offs_d < HEAD_DIM, offs_p < HEAD_DIM // 2
 
-    k = _load_rotated(K + base, offs_n, mask_n, offs_d, mask_d, stride_n, COS, SIN, offs_p, mask_p,
-                      HEAD_DIM // 2, BLOCK_N, BLOCK_D).to(K.dtype.element_ty).to(DOT_DTYPE)
+    k = _load_rows(KR + out_base, offs_n, mask_n, offs_d, mask_d, HEAD_DIM).to(DOT_DTYPE)
     v = _load_rows(V + base, offs_n, mask_n, offs_d, mask_d, stride_n).to(DOT_DTYPE)
 
-    dk = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
-    dv = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
+    dk, dv = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32), tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
     for start_m in range(0, N, BLOCK_M):
         offs_m = start_m + tl.arange(0, BLOCK_M)
         mask_m = offs_m < N
-        q = _load_rotated(Q + base, offs_m, mask_m, offs_d, mask_d, stride_n, COS, SIN, offs_p, mask_p,
-                          HEAD_DIM // 2, BLOCK_M, BLOCK_D).to(Q.dtype.element_ty).to(DOT_DTYPE)
+        q = _load_rows(QR + out_base, offs_m, mask_m, offs_d, mask_d, HEAD_DIM).to(DOT_DTYPE)
         do = _load_rows(DO + do_base, offs_m, mask_m, offs_d, mask_d, stride_don).to(DOT_DTYPE)
         lse = tl.load(LSE + row_base + offs_m, mask=mask_m, other=0.0)
         delta = tl.load(DELTA + row_base + offs_m, mask=mask_m, other=0.0)
@@ -262,11 +252,9 @@ def _rope_attn_bwd_dkdv_kernel(Q, K, V, COS, SIN, DO, LSE, DELTA, DK, DV, stride
         dv += tl.dot(p_t.to(DO.dtype.element_ty).to(DOT_DTYPE), do, input_precision=DOT_PRECISION)
         dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
         ds_t = p_t * (dp_t - delta[None, :])
-        dk += tl.dot(ds_t.to(Q.dtype.element_ty).to(DOT_DTYPE), q, input_precision=DOT_PRECISION)
+        dk += tl.dot(ds_t.to(QR.dtype.element_ty).to(DOT_DTYPE), q, input_precision=DOT_PRECISION)
 
-    # d rot(k) -> dk: rotate back by -angle (cos/sin loaded again rather than kept live through the loop)
-    cos_n, sin_n = _angles(COS, SIN, offs_n, mask_n, offs_p, mask_p, HEAD_DIM // 2)
-    dk = _rotate_pairs(dk * sm_scale, cos_n, -sin_n, BLOCK_N, BLOCK_D)
+    dk = _rotate(dk * sm_scale, COS, SIN, offs_n, mask_n, offs_p, mask_p, HEAD_DIM // 2, True, BLOCK_N, BLOCK_D)
     tile_n = mask_n[:, None] & mask_d[None, :]
     tl.store(DK + out_base + offs_n[:, None] * HEAD_DIM + offs_d[None, :], dk.to(DK.dtype.element_ty), mask=tile_n)
     tl.store(DV + out_base + offs_n[:, None] * HEAD_DIM + offs_d[None, :], dv.to(DV.dtype.element_ty), mask=tile_n)
@@ -284,17 +272,19 @@ _CONFIGS = {"fwd": [(128, 64, 4, 3, 80), (128, 64, 8, 3, 80), (128, 32, 4, 3, 80
             # dq: programs own BLOCK_M query rows. dk/dv: programs own BLOCK_N key rows, two accumulators.
             "dq": [(64, 64, 4, 2, 90), (64, 64, 8, 3, 90), (128, 64, 8, 2, 80), (64, 128, 8, 2, 90), (32, 64, 4, 2, 90)],
             "dkdv": [(64, 64, 8, 3, 90), (32, 64, 8, 2, 90), (32, 64, 8, 3, 80), (32, 128, 8, 2, 90),
-                     (32, 64, 4, 2, 90), (32, 32, 4, 2, 80)]}
+                     (32, 64, 4, 2, 90), (32, 32, 4, 2, 80)],
+            "rot": [(64, 0, 4, 1, 80)]}  # one elementwise pass, memory-bound: one config (BLOCK_N unused)
 # float32 operands: tensor cores through tf32x3 (three tf32 products per fp32 one, float32-accurate)
 _FP32_CONFIGS = {"fwd": [(64, 32, 8, 2, 80), (32, 32, 8, 2, 80)], "dq": [(64, 32, 8, 2, 80), (32, 32, 8, 2, 80)],
-                 "dkdv": [(32, 32, 4, 2, 80), (32, 32, 8, 2, 80)]}
+                 "dkdv": [(32, 32, 4, 2, 80), (32, 32, 8, 2, 80)], "rot": _CONFIGS["rot"]}
 # float32 CUDA tensors in rope_attention: "reference" (rope_apply + SDPA's memory-efficient kernel, exact
 # float32) or "triton" (tf32x3). The reference until bench/gpu_check.sh measures the Triton path faster.
 FP32_CUDA_PATH = "reference"
 _INTERPRETER_BLOCK_M = 128
 _launchers, _tables, _warned = {}, {}, set()
 _TL_DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
-_KERNELS = {"fwd": _rope_attn_fwd_kernel, "dq": _rope_attn_bwd_dq_kernel, "dkdv": _rope_attn_bwd_dkdv_kernel}
+_KERNELS = {"fwd": _rope_attn_fwd_kernel, "dq": _rope_attn_bwd_dq_kernel, "dkdv": _rope_attn_bwd_dkdv_kernel,
+            "rot": _rope_rotate_kernel}
 
 
 def _interpreting():
@@ -334,18 +324,18 @@ def _launch(name, grid, fp32, *args, **kwargs):
         major, minor = torch.cuda.get_device_capability()
         key = (name, fp32, 10 * major + minor)
         if key not in _launchers:
-            tuning = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=warps, num_stages=stages)
-                      for bm, bn, warps, stages in _configs(*key)]
+            tuning = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn} if bn else {"BLOCK_M": bm}, num_warps=warps,
+                                    num_stages=stages) for bm, bn, warps, stages in _configs(*key)]
             _launchers[key] = triton.autotune(configs=tuning, key=["N", "HEAD_DIM"])(kernel)
         kernel = _launchers[key]
     kernel[grid](*args, **kwargs)
 
 
-def _blocks(N):
+def _blocks(N, names=("BLOCK_M", "BLOCK_N")):
     """Tile sizes under the interpreter: large tiles run fastest there; tl.dot needs at least 16; and
     BLOCK_N = BLOCK_M / 2 (like most GPU configs) so that a mix-up of the two cannot pass the tests."""
     block_m = min(_INTERPRETER_BLOCK_M, max(16, triton.next_power_of_2(N)))
-    return {"BLOCK_M": block_m, "BLOCK_N": max(16, block_m // 2)} if _interpreted() else {}
+    return {n: {"BLOCK_M": block_m, "BLOCK_N": max(16, block_m // 2)}[n] for n in names} if _interpreted() else {}
 
 
 def _pair_tables(angles):
@@ -365,6 +355,16 @@ def _dot_args(dtype):
     if _interpreted():
         return dict(DOT_PRECISION="ieee", DOT_DTYPE=tl.float32)
     return dict(DOT_PRECISION="tf32x3" if dtype == torch.float32 else "tf32", DOT_DTYPE=_TL_DTYPES[dtype])
+
+
+def _rotated(x, cos, sin):
+    """rot(x), contiguous (B, H, N, D) in x's dtype: one pass of the rotation kernel (x rows: unit stride)."""
+    B, H, N, D = x.shape
+    out = torch.empty(B, H, N, D, device=x.device, dtype=x.dtype)
+    _launch("rot", lambda meta: (B * H, triton.cdiv(N, meta["BLOCK_M"])), x.dtype == torch.float32, x, cos, sin,
+            out, x.stride(0), x.stride(1), x.stride(2), H, N, HEAD_DIM=D, BLOCK_D=triton.next_power_of_2(D),
+            **_blocks(N, ["BLOCK_M"]))
+    return out
 
 
 def _check_inputs(q, k, v, angles):
@@ -408,8 +408,8 @@ def _fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     o = torch.empty(B, H, N, D, device=q.device, dtype=q.dtype)
     lse = torch.empty(B * H, N, device=q.device, dtype=torch.float32)
     grid = lambda meta: (B * H, triton.cdiv(N, meta["BLOCK_M"]))
-    _launch("fwd", grid, q.dtype == torch.float32, q, k, v, cos, sin, o, lse, q.stride(0), q.stride(1),
-            q.stride(2), H, N, 1.4426950408889634 / math.sqrt(D),  # log2(e): the kernels use exp2
+    _launch("fwd", grid, q.dtype == torch.float32, q, _rotated(k, cos, sin), v, cos, sin, o, lse, q.stride(0),
+            q.stride(1), q.stride(2), H, N, 1.4426950408889634 / math.sqrt(D),  # log2(e): the kernels use exp2
             HEAD_DIM=D, BLOCK_D=triton.next_power_of_2(D), **_dot_args(q.dtype), **_blocks(N))
     return o, lse
 
@@ -427,6 +427,7 @@ def _bwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, angles: torch.Ten
     q, k, v = _unit_last_stride(q, k, v)
     (do,) = _unit_last_stride(do)
     cos, sin = _pair_tables(angles)
+    qr, kr = _rotated(q, cos, sin), _rotated(k, cos, sin)  # recomputed: cheaper than keeping them
     dq, dk, dv = (torch.empty(B, H, N, D, device=q.device, dtype=q.dtype) for _ in range(3))
     delta = torch.empty_like(lse)
     sm_scale = 1.0 / math.sqrt(D)
@@ -436,9 +437,9 @@ def _bwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, angles: torch.Ten
     fp32 = q.dtype == torch.float32
     # the dq kernel also writes Delta = rowsum(dO * O), which the dk/dv kernel reads: launch it first
     _launch("dq", lambda meta: (B * H, triton.cdiv(N, meta["BLOCK_M"])), fp32,
-            q, k, v, cos, sin, o, do, lse, delta, dq, **args)
+            qr, kr, v, cos, sin, o, do, lse, delta, dq, **args)
     _launch("dkdv", lambda meta: (B * H, triton.cdiv(N, meta["BLOCK_N"])), fp32,
-            q, k, v, cos, sin, do, lse, delta, dk, dv, **args)
+            qr, kr, v, cos, sin, do, lse, delta, dk, dv, **args)
     return dq, dk, dv
 
 

@@ -141,6 +141,22 @@ def test_reference_matches_float64_oracle():
                                atol=1e-5, rtol=1e-5)
 
 
+def test_vision_tower_caches_its_angle_table_per_grid_outside_the_state_dict():
+    import pe_model
+    torch.manual_seed(0)
+    tower = pe_model.VisionTransformer(patch_size=8, width=64, layers=1, heads=4, mlp_ratio=2.0, image_size=32,
+                                       use_cls_token=True, pool_type="tok")
+    keys = list(tower.state_dict())
+    with torch.inference_mode():  # first built here: still a normal tensor, so a training step may save it
+        first = tower.embed(torch.randn(2, 3, 32, 32))[1]
+    assert not first.is_inference() and torch.equal(first, rope_angles_2d(4, 4, 16, use_cls_token=True))
+    tower.forward_features(torch.randn(2, 3, 32, 32)).sum().backward()
+    assert tower.embed(torch.randn(1, 3, 32, 32))[1] is first  # built once per grid, reused
+    other = tower.embed(torch.randn(1, 3, 48, 40))[1]  # a 6 x 5 grid: its own table
+    assert torch.equal(other, rope_angles_2d(6, 5, 16, use_cls_token=True))
+    assert list(tower.state_dict()) == keys
+
+
 def test_rope_attention_dispatches_on_device_and_interpreter(monkeypatch):
     torch.manual_seed(0)
     q, k, v = torch.randn(3, 1, 2, 17, 32).unbind(0)
@@ -224,6 +240,22 @@ def interpreter_strided_case():
             "dqkv": ((grad.double() - grad64).norm() / grad64.norm()).item()}
 
 
+def interpreter_rotation_case():
+    """The rotation kernel (one pass per tensor, before the flash loops) against rope_apply, on a strided view
+    in bfloat16 (rounding once, like rope_apply) and float32; N = 197 is not a multiple of the row tile."""
+    generator = torch.Generator().manual_seed(2)
+    qkv = torch.randn(2, 197, 3, 3, 96, generator=generator)  # (B, N, 3, H, D): D = 96 is padded to 128
+    angles = (torch.rand(197, 48, generator=generator) * 100 - 50).repeat_interleave(2, dim=-1)
+    errors = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        k = qkv.to(dtype).permute(2, 0, 3, 1, 4)[1]  # (B, H, N, D), non-contiguous
+        ours, ref = ra._rotated(k, *ra._pair_tables(angles)), rope_apply(k, angles).float()
+        # largest difference in units of 2^-7 |ref| (one bfloat16 rounding step at most is <= 1)
+        errors[str(dtype)] = (((ours.float() - ref).abs() / (ref.abs() * 2 ** -7 + 1e-30)).max().item(),
+                              ours.dtype == dtype and ours.is_contiguous())
+    return errors
+
+
 class RopeBlock(torch.nn.Module):
     """A PE vision block's attention half (pre-norm, fused qkv, 2D RoPE attention, projection)."""
 
@@ -254,6 +286,7 @@ def interpreter_jobs():
     """Every interpreter check as (result key, function), cheapest first within each kind."""
     jobs = [(case_id(case), lambda case=case: interpreter_case(*case)) for case in INTERPRETER_CASES]
     jobs.append(("strided", interpreter_strided_case))
+    jobs.append(("rotation", interpreter_rotation_case))
     jobs.append(("compile", interpreter_compile_case))
     for name, variant in BLOCK0_CASES:  # head_dim 16: official weights, input and angle table
         def block0_error(name=name, variant=variant):
@@ -300,6 +333,14 @@ def test_triton_reads_strided_qkv_views(interpreter_results):
     assert all(error < 1e-4 for error in errors.values()), errors  # NaN fails too
 
 
+def test_rotation_kernel_matches_rope_apply(interpreter_results):
+    results = interpreter_results["rotation"]
+    assert results["torch.float32"][0] < 2 ** -10 and results["torch.float32"][1], results  # float32 math both
+    # bfloat16: the same float32 rotation rounded once, at most one step apart (the interpreter's cast to
+    # bfloat16 truncates, half the elements differ by one step; a GPU rounds to nearest like torch)
+    assert results["torch.bfloat16"][0] <= 1 and results["torch.bfloat16"][1], results
+
+
 def test_torch_compile_traces_the_triton_attention_without_graph_break(interpreter_results):
     result = interpreter_results["compile"]
     assert result["graph_breaks"] == 0 and result["graphs"] == 1, result
@@ -338,16 +379,19 @@ def aot_compile(kernel, specs, capability, num_warps, num_stages):
         signature[name] = spec.rstrip("D")
         if spec.startswith("*") or spec.endswith("D"):
             attrs[(i,)] = [["tt.divisibility", 16]]
-    log, dump = io.StringIO(), knobs.nvidia.dump_ptxas_log
+    log, dump, always = io.StringIO(), knobs.nvidia.dump_ptxas_log, knobs.compilation.always_compile
     knobs.nvidia.dump_ptxas_log = True  # ptxas -v: registers and spills, printed on stdout
+    knobs.compilation.always_compile = True  # a cache hit runs no ptxas: no log, and spills would read as 0
     try:
         with contextlib.redirect_stdout(log):
             compiled = triton.compile(ASTSource(kernel, signature, constexprs=constants, attrs=attrs),
                                       target=GPUTarget("cuda", capability, 32),
                                       options=dict(num_warps=num_warps, num_stages=num_stages))
     finally:
-        knobs.nvidia.dump_ptxas_log = dump
-    spills = [int(a) + int(b) for a, b in re.findall(r"(\d+) bytes spill stores, (\d+) bytes spill loads", log.getvalue())]
+        knobs.nvidia.dump_ptxas_log, knobs.compilation.always_compile = dump, always
+    found = re.findall(r"(\d+) bytes spill stores, (\d+) bytes spill loads", log.getvalue())
+    assert found, "no ptxas -v output: spills unknown"
+    spills = [int(a) + int(b) for a, b in found]
     mma = set(re.findall(r"\b(?:wgmma\.mma_async|mma\.sync)[\w.]*", compiled.asm["ptx"]))
     return compiled.metadata.shared, max(spills, default=0), mma
 
@@ -369,7 +413,7 @@ def rope_aot_cases():
     cases = []
     for capability in (80, 90):
         for dtype, D in (("bf16", 64), ("bf16", 96), ("fp32", 64), ("fp32", 96)):
-            for name in ("fwd", "dq", "dkdv"):
+            for name in ("fwd", "dq", "dkdv", "rot"):
                 for j, config in enumerate(ra._configs(name, dtype == "fp32", capability)):
                     full_only = not (dtype == "bf16" and D == 64) and (j > 0 or capability == 80)
                     marks = [pytest.mark.skipif(full_only and not AOT_FULL, reason="PE_AOT_FULL=1 compiles it")]
@@ -387,7 +431,7 @@ def test_kernels_compile_for_gpus_ahead_of_time(capability, name, dtype, D, conf
     assert shared <= SHARED_LIMIT[capability], f"{shared} bytes of shared memory"
     if dtype == "bf16" and D == 64:
         assert spilled == 0, f"{spilled} bytes of register spills"
-    assert mma, "no tensor-core MMA in the PTX"  # bf16, and fp32 through tf32x3
+    assert mma or name == "rot", "no tensor-core MMA in the PTX"  # bf16, and fp32 through tf32x3; rot: no dot
 
 
 def test_rope_attention_routes_what_the_kernels_cannot_take_to_the_reference():
@@ -458,7 +502,7 @@ def test_cuda_fused_attention_matches_float64(dtype, N, D):
 
 @cuda
 @pytest.mark.parametrize("fp32", [False, True])
-@pytest.mark.parametrize("name", ["fwd", "dq", "dkdv"])
+@pytest.mark.parametrize("name", ["fwd", "dq", "dkdv", "rot"])
 def test_cuda_every_autotune_config_launches(monkeypatch, fp32, name):
     major, minor = torch.cuda.get_device_capability()
     for config in ra._configs(name, fp32, 10 * major + minor):

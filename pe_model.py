@@ -453,16 +453,15 @@ class VisionTransformer(nn.Module):
         return self.ln_pre(x), angles
 
     def rope_table(self, grid_h, grid_w, device):
-        """The RoPE angle table (N, head_dim) of a grid, built on `device` once and then reused by every block
-        and forward (kernels/rope_attention.py also caches its cos/sin per table). A plain dict attribute keyed
-        by (grid_h, grid_w, head_dim, cls token, device): not in the state_dict, not moved by .to()."""
+        """The RoPE angles (N, head_dim) of a grid, built on `device` once and reused by every block and forward;
+        a plain dict, not in the state_dict, of at most 16 grids (an evaluation sweep: the oldest goes)."""
         key = (grid_h, grid_w, self.width // self.heads, self.use_cls_token, torch.device(device))
         tables = self.__dict__.setdefault("_rope_tables", {})
         if key not in tables:
-            if len(tables) >= 16:  # e.g. an evaluation sweep over resolutions: drop the oldest
+            if len(tables) >= 16:
                 tables.pop(next(iter(tables)))
-            with torch.inference_mode(False):  # a normal tensor even when first built under inference_mode:
-                tables[key] = rope_angles_2d(*key[:4], device=key[4])  # a later training step saves it for backward
+            with torch.inference_mode(False):  # a normal tensor, one that a later training step can save for backward
+                tables[key] = rope_angles_2d(*key[:4], device=key[4])
         return tables[key]
 
     def _finish(self, x, norm, strip_cls_token):

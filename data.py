@@ -8,11 +8,10 @@ data.py: the data every stage reads; nothing is downloaded.
 
 Sections: 0. seeds and bad samples; 1. the embedded default (OpenMoji emoji named by Unicode, CC BY-SA 4.0);
 2. the augmentation of PE core pretraining (§2.1, Tab. 18); 3. readers: tar shards (`TarShards`) and one
-map-style reader of records (`Records`) for caption files, COCO, class folders, video lists, ADE20K, NYU depth
-and DAVIS; 4. composed scenes and videos with exact labels; 5. video files with PyAV, imported there only.
-Every random choice for item i comes from a generator seeded from (seed, epoch, i), so an item is the same in
-any loader worker and a resumed run reproduces the uninterrupted one. Bad data is skipped and counted by reason
-(`BadSamples`), never a crash nor a silent substitution.
+map-style reader (`Records`) of caption files, COCO, class folders, video lists, ADE20K, NYU depth and DAVIS;
+4. composed scenes and videos with exact labels; 5. video files with PyAV, imported there only. Item i's random
+choices come from a generator seeded from (seed, epoch, i): the same in any loader worker, and a resumed run
+reproduces the uninterrupted one. Bad data is skipped and counted by reason (`BadSamples`), never a crash.
 """
 
 from __future__ import annotations
@@ -39,7 +38,6 @@ from fractions import Fraction
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFont, ImageOps
 
 import pe_model
@@ -54,17 +52,14 @@ VIDEO_EXTENSIONS = ("mp4", "webm", "mkv", "avi", "mov")
 
 
 def seed_for(*keys) -> int:
-    """A 63-bit seed that depends only on `keys` (ints and strings): the same in every process and on every
-    machine (Python's hash() of a string is not, it is salted per process)."""
+    """A 63-bit seed from `keys` (ints, strings), the same in every process (unlike hash() of a str: it is salted)."""
     digest = hashlib.blake2b(repr(keys).encode(), digest_size=8).digest()
     return int.from_bytes(digest, "little") >> 1
 
 
 def item_generator(*keys) -> torch.Generator:
     """A torch.Generator seeded from `keys`, e.g. (seed, "train", epoch, index)."""
-    generator = torch.Generator()
-    generator.manual_seed(seed_for(*keys))
-    return generator
+    return torch.Generator().manual_seed(seed_for(*keys))
 
 
 def _uniform(generator, low, high) -> float:
@@ -89,10 +84,9 @@ def _rank_and_world_size(rank=None, world_size=None):
 
 
 class BadSamples:
-    """Skipped samples by reason ("bad_image", "missing_caption", ...), counted as distinct keys, in total and per
-    epoch: a sample skipped again in a later epoch, by another worker or by a resumed run counts once. Each process
-    counts its own (a loader worker resets the copy it inherited); with report_dir, each new (reason, key, epoch)
-    is appended to this process's report_dir/{name}.r{rank}.w{worker}.p{pid}.jsonl, merged by collect()."""
+    """Skipped samples by reason ("bad_image", "missing_caption", ...) as distinct keys, in total and per epoch: a
+    sample skipped again (by another worker, a resumed run) counts once. Each process counts its own; with
+    report_dir, each new (reason, key, epoch) goes to report_dir/{name}.r{rank}.w{worker}.p{pid}.jsonl."""
 
     def __init__(self, name="data", max_keys=5, report_dir=None):
         self.name, self.max_keys, self.report_dir = name, max_keys, report_dir
@@ -107,7 +101,7 @@ class BadSamples:
         return new
 
     def add(self, reason: str, key, detail: str = "", epoch=None):
-        if os.getpid() != self._pid:
+        if os.getpid() != self._pid:  # a loader worker starts from an empty copy, not its parent's counts
             self.seen, self._pid = {}, os.getpid()
         first, key = str(key) not in self.seen.get(reason, {}), str(key)
         if not self._note(reason, key, [epoch]):
@@ -143,8 +137,7 @@ class BadSamples:
         if not self.seen:
             return f"{self.name}: no bad samples"
         epochs = ", ".join(f"epoch {epoch} {count}" for epoch, count in self.per_epoch().items())
-        parts = [f"{reason} {len(keys)} (e.g. {', '.join(list(keys)[: self.max_keys])})"
-                 for reason, keys in sorted(self.seen.items())]
+        parts = [f"{reason} {n} (e.g. {', '.join(self.keys[reason])})" for reason, n in sorted(self.counts.items())]
         return (f"{self.name}: skipped {self.total()} distinct bad samples" + (f" ({epochs})" if epochs else "")
                 + ": " + "; ".join(parts))
 
@@ -162,8 +155,7 @@ class BadSamples:
 
     @staticmethod
     def reset(report_dir: str):
-        """Start a run's counts afresh: remove the report files an earlier run left in report_dir. Call on every
-        rank of a fresh (not resumed) run before its datasets are built: rank 0 removes, the others wait."""
+        """Remove an earlier run's report files; call on every rank of a fresh run before building its datasets."""
         if _rank_and_world_size()[0] == 0:
             for path in glob.glob(os.path.join(report_dir, "*.json*")):
                 os.remove(path)
@@ -208,14 +200,12 @@ OPENMOJI_FONT = os.path.join(os.path.dirname(os.path.abspath(__import__("openmoj
 NOTO_FONT = "/usr/share/fonts/truetype/noto/NotoColorEmoji.ttf"
 NOTO_FONT_SIZE = 109  # the only size at which Pillow renders Noto's CBDT bitmaps
 
-# Caption templates: {a} is the name with its article ("a dog face"). Varied wording, so the model learns the
-# name rather than one sentence.
+# Caption templates ({a}: the name with its article, "a dog face"), varied so the model learns the name, not a sentence.
 CAPTION_TEMPLATES = ["an emoji of {a}.", "a drawing of {a}", "{name} icon", "a picture of {a}.", "{a} emoji",
                      "an illustration of {a}.", "a cartoon of {a}", "clip art of {a}.",
                      "{a} on a colourful background.", "a small sticker of {a}", "{name}", "the {name} symbol."]
 
-# The zero-shot prompt ensemble (pe_model.zero_shot_classifier); overlaps the captions in part, as CLIP's
-# ImageNet prompts do.
+# The zero-shot prompt ensemble (pe_model.zero_shot_classifier); overlaps the captions in part, as CLIP's do.
 ZERO_SHOT_TEMPLATES = ["an emoji of {a}.", "a drawing of {a}", "{name} icon", "a picture of {a}.",
                        "a rendering of {a}.", "an icon showing {a}.", "a photo of {a}.", "a sketch of the {name}."]
 
@@ -235,11 +225,8 @@ def font_code_points(path: str) -> frozenset:
     for the code points above U+FFFF): Pillow draws a placeholder box for a missing glyph, so drawing cannot tell."""
     with open(path, "rb") as f:
         font = f.read()
-    tables = {}
-    for i in range(struct.unpack_from(">H", font, 4)[0]):
-        tag, _checksum, offset, _length = struct.unpack_from(">4sIII", font, 12 + 16 * i)
-        tables[tag] = offset
-    cmap, code_points = tables[b"cmap"], set()
+    tables = (struct.unpack_from(">4sII", font, 12 + 16 * i) for i in range(struct.unpack_from(">H", font, 4)[0]))
+    cmap, code_points = next(offset for tag, _checksum, offset in tables if tag == b"cmap"), set()
     for i in range(struct.unpack_from(">H", font, cmap + 2)[0]):
         subtable = cmap + struct.unpack_from(">I", font, cmap + 8 + 8 * i)[0]
         if struct.unpack_from(">H", font, subtable)[0] == 12:  # groups of (first, last code point, first glyph)
@@ -253,16 +240,13 @@ def noto_available() -> bool:
     return os.path.exists(NOTO_FONT)
 
 
-@functools.lru_cache(maxsize=64)
-def _font(path: str, size: int):
-    return ImageFont.truetype(path, size)
+_font = functools.lru_cache(maxsize=64)(ImageFont.truetype)  # (path, size) -> the font
 
 
 def _draw_glyph(glyph: str, path: str, font_size: int) -> Image.Image:
     """The glyph drawn in colour, cropped to its visible pixels (RGBA); empty (0x0) if nothing is drawn."""
     canvas = Image.new("RGBA", (font_size * 3, font_size * 3), (0, 0, 0, 0))
-    ImageDraw.Draw(canvas).text((font_size // 2, font_size // 2), glyph, font=_font(path, font_size),
-                                embedded_color=True)
+    ImageDraw.Draw(canvas).text((font_size // 2,) * 2, glyph, font=_font(path, font_size), embedded_color=True)
     box = canvas.getchannel("A").getbbox()
     return canvas.crop(box) if box else Image.new("RGBA", (0, 0))
 
@@ -291,31 +275,23 @@ def render_glyph(glyph: str, size: int, style: str = "openmoji") -> Image.Image:
 @functools.lru_cache(maxsize=1)
 def _all_emoji_classes() -> tuple:
     """Every single-code-point OpenMoji glyph that unicodedata names and that draws something, in code point order."""
-    classes = []
-    for cp in sorted(font_code_points(OPENMOJI_FONT)):
-        if cp < 0x80:  # ASCII digits, '#', '*': keycap parts drawn as plain characters
-            continue
-        name = unicodedata.name(chr(cp), "").lower()
-        if name and not name.startswith(_EXCLUDED_NAME_PREFIXES) and _draw_glyph(chr(cp), OPENMOJI_FONT, 32).width:
-            classes.append((chr(cp), name))
-    return tuple(classes)
+    named = ((chr(cp), unicodedata.name(chr(cp), "").lower()) for cp in sorted(font_code_points(OPENMOJI_FONT))
+             if cp >= 0x80)  # not ASCII's digits, '#' and '*': keycap parts
+    return tuple((glyph, name) for glyph, name in named if name and not name.startswith(_EXCLUDED_NAME_PREFIXES)
+                 and _draw_glyph(glyph, OPENMOJI_FONT, 32).width)
 
 
 def emoji_classes(max_classes: int | None = None, seed: int = 0) -> list[tuple[str, str]]:
-    """[(glyph, name)] of the OpenMoji emoji, named by unicodedata in lower case ("dog face"). With max_classes, a
-    seeded subset spread over all topics: Unicode orders emoji roughly by topic, so the list is cut into
-    max_classes equal strata and one emoji is drawn from each."""
+    """[(glyph, name)] of the OpenMoji emoji, named by unicodedata in lower case ("dog face"). With max_classes, one
+    seeded pick from each of max_classes equal strata: Unicode orders emoji by topic, so the subset spans them all."""
     classes = _all_emoji_classes()
     if max_classes is None or max_classes >= len(classes):
         return list(classes)
     if max_classes <= 0:
         raise ValueError(f"emoji_classes: max_classes must be positive, got {max_classes}")
     generator = item_generator(seed, "emoji_classes", max_classes)
-    picks = []
-    for k in range(max_classes):
-        low, high = k * len(classes) // max_classes, (k + 1) * len(classes) // max_classes
-        picks.append(classes[low + _randint(generator, 0, high - low)])
-    return picks
+    bounds = [k * len(classes) // max_classes for k in range(max_classes + 1)]
+    return [classes[low + _randint(generator, 0, high - low)] for low, high in zip(bounds, bounds[1:])]
 
 
 def trained_class_count(train_config: dict, default: int = 100) -> int:
@@ -324,8 +300,7 @@ def trained_class_count(train_config: dict, default: int = 100) -> int:
 
 
 def emoji_class_subset(num_classes: int, pool: int) -> list[tuple[str, str]]:
-    """num_classes of emoji_classes(pool), spread evenly over them: the embedded videos' subjects, with pool = the
-    core's class count, so video zero-shot asks about classes the core has seen."""
+    """num_classes of emoji_classes(pool), spread evenly: with pool = a core's class count, classes it has seen."""
     classes = emoji_classes(pool)
     if not 0 < num_classes <= len(classes):
         raise ValueError(f"emoji_class_subset: {num_classes} classes out of a pool of {len(classes)}")
@@ -339,8 +314,7 @@ def random_background(size: int, generator: torch.Generator) -> Image.Image:
     """An RGB size x size background of a random kind (BACKGROUNDS), so the model cannot read the class off the
     background. Arithmetic in numpy: torch's per-op overhead dominates on images this small."""
     kind = _choice(generator, BACKGROUNDS)
-    colour_a = torch.rand(3, 1, 1, generator=generator).numpy()
-    colour_b = torch.rand(3, 1, 1, generator=generator).numpy()
+    colour_a, colour_b = (torch.rand(3, 1, 1, generator=generator).numpy() for _ in range(2))
     coords = (np.arange(size, dtype=np.float32) + 0.5) / size
     ys, xs = coords[:, None], coords[None, :]
     angle = _uniform(generator, 0, 2 * math.pi)
@@ -379,9 +353,9 @@ def random_background(size: int, generator: torch.Generator) -> Image.Image:
 
 def paste_glyph(canvas: Image.Image, glyph: Image.Image, center: tuple[float, float], size: int,
                 angle: float = 0.0, binary_alpha: bool = False) -> np.ndarray:
-    """Paste an RGBA glyph onto the RGB canvas in place, scaled to size x size, turned `angle` degrees counter-
-    clockwise, centred at `center` (x, y pixels) -> the (H, W) bool mask it covers (alpha >= 128). binary_alpha:
-    paste with that mask, not the anti-aliased alpha, so image and mask agree exactly (dense labels)."""
+    """Paste an RGBA glyph onto the RGB canvas in place, at size x size turned `angle` degrees counter-clockwise,
+    centred at (x, y) pixels -> the (H, W) bool mask it covers (alpha >= 128); binary_alpha pastes with that mask,
+    so image and mask agree exactly (dense labels)."""
     patch = glyph if glyph.size == (size, size) else glyph.resize((size, size), Image.BILINEAR)
     if angle:
         patch = patch.rotate(angle, resample=Image.BILINEAR, expand=True)
@@ -389,19 +363,15 @@ def paste_glyph(canvas: Image.Image, glyph: Image.Image, center: tuple[float, fl
     x0, y0 = round(center[0] - patch.width / 2), round(center[1] - patch.height / 2)
     paste_alpha = Image.fromarray(covered.astype(np.uint8) * 255) if binary_alpha else patch.getchannel("A")
     canvas.paste(patch.convert("RGB"), (x0, y0), paste_alpha)
-    mask = np.zeros((canvas.height, canvas.width), dtype=bool)
-    cx0, cy0 = max(0, x0), max(0, y0)  # the part of the patch that lies on the canvas
-    cx1, cy1 = min(canvas.width, x0 + patch.width), min(canvas.height, y0 + patch.height)
-    if cx1 > cx0 and cy1 > cy0:
-        mask[cy0:cy1, cx0:cx1] = covered[cy0 - y0:cy1 - y0, cx0 - x0:cx1 - x0]
-    return mask
+    mask = Image.new("L", canvas.size)
+    mask.paste(Image.fromarray(covered.astype(np.uint8)), (x0, y0))  # clipped to the canvas, as the glyph is
+    return np.asarray(mask) > 0
 
 
 class EmojiImageText(torch.utils.data.Dataset):
     """The embedded image-caption set: item i is emoji class i % num_classes at a random size (35-85% of the
     canvas), position and rotation (+-25 degrees) over a random background -> (transform(image, generator),
-    caption, label); train renders afresh every epoch, val is fixed. class_pool: emoji_class_subset. style
-    "noto" lacks a few glyphs: their classes are missing_classes, present_indices() gives the other items."""
+    caption, label); train renders afresh every epoch, val is fixed. Noto lacks a few glyphs (missing_classes)."""
 
     def __init__(self, split="train", num_classes=100, images_per_class=50, canvas_size=64, seed=0,
                  style="openmoji", transform=None, epoch=0, class_pool=None):
@@ -429,8 +399,7 @@ class EmojiImageText(torch.utils.data.Dataset):
 
     def present_indices(self) -> list[int]:
         """The items whose class the font has (all of them for OpenMoji)."""
-        missing = set(self.missing_classes)
-        return [i for i in range(len(self)) if i % self.num_classes not in missing]
+        return [i for i in range(len(self)) if i % self.num_classes not in self.missing_classes]
 
     def __getitem__(self, index):
         label = index % self.num_classes
@@ -489,8 +458,7 @@ def train_augment(image: Image.Image, size: int, generator: torch.Generator, cfg
     flip, brightness then saturation jitter. With all of them off it equals pe_model.preprocess_image."""
     image = image.convert("RGB")
     if tuple(cfg.crop_scale) != (1.0, 1.0):
-        image = image.crop(random_resized_crop_box(image.width, image.height, cfg.crop_scale, cfg.crop_ratio,
-                                                   generator))
+        image = image.crop(random_resized_crop_box(*image.size, cfg.crop_scale, cfg.crop_ratio, generator))
     pixels = pe_model.preprocess_image(image, size).add(1).div(2)  # (3, size, size) in [0, 1]
     if cfg.hflip_prob > 0 and _uniform(generator, 0, 1) < cfg.hflip_prob:
         pixels = pixels.flip(-1)
@@ -505,40 +473,22 @@ def train_augment(image: Image.Image, size: int, generator: torch.Generator, cfg
 
 def make_train_transform(size: int, cfg: AugmentConfig | None = None):
     """transform(image, generator) -> train_augment(image, size, generator, cfg)."""
-    return functools.partial(_train_transform, size=size, cfg=cfg or AugmentConfig())  # pickles for workers
-
-
-def _train_transform(image, generator, size, cfg):
-    return train_augment(image, size, generator, cfg)
+    return functools.partial(_transform, size=size, cfg=cfg or AugmentConfig())  # a partial pickles for workers
 
 
 def make_eval_transform(size):
     """transform(image, generator=None) -> the official preprocessing, no randomness."""
-    return functools.partial(_eval_transform, size=size)
+    return functools.partial(_transform, size=size)
 
 
-def _eval_transform(image, generator=None, size=224):
-    return pe_model.preprocess_image(image, size)
-
-
-def apply_transform(transform, media, generator) -> torch.Tensor:
-    """transform(image, generator) of a PIL image, or of every frame of a (T, H, W, 3) uint8 clip -> (T, 3, S, S)
-    with the same crop, flip and jitter on every frame (each frame starts from the same generator state)."""
-    if isinstance(media, Image.Image):
-        return transform(media, generator)
-    state = generator.get_state()
-    out = []
-    for frame in media:
-        generator.set_state(state)
-        out.append(transform(Image.fromarray(frame.numpy(), "RGB"), generator))
-    return torch.stack(out)
+def _transform(image, generator=None, size=224, cfg=None):
+    return train_augment(image, size, generator, cfg) if cfg else pe_model.preprocess_image(image, size)
 
 
 # ---------------------------------------------------------------------------------------------------------
 # 3. Readers
 
-# Images over this many pixels (after a JPEG's reduced decode) are skipped as bad, before they are decoded: a
-# PNG cannot be decoded smaller, and a 12,000 x 12,000 one costs gigabytes per loader worker. Configurable.
+# Images over this many pixels (after a JPEG's reduced decode) are skipped before decoding: a PNG cannot decode smaller.
 MAX_IMAGE_PIXELS = 40_000_000
 _WIDE_MODES = {"I": 65535, "I;16": 65535, "I;16L": 65535, "I;16B": 65535, "I;16N": 65535, "F": 1.0}
 
@@ -551,9 +501,7 @@ def collate_image_text(batch, context_length: int = 32, return_labels: bool = Fa
         return None
     images = torch.stack([item[0] for item in items])
     tokens = pe_model.tokenize([item[1] for item in items], context_length=context_length)
-    if return_labels:
-        return images, tokens, torch.as_tensor([item[2] for item in items])
-    return images, tokens
+    return (images, tokens, torch.as_tensor([item[2] for item in items])) if return_labels else (images, tokens)
 
 
 def load_image(data: bytes | str, side: int | None = None) -> Image.Image:
@@ -582,19 +530,25 @@ def _decode_side(transform) -> int | None:
     return math.ceil(keywords["size"] / math.sqrt(keywords["cfg"].crop_scale[0] if "cfg" in keywords else 1.0))
 
 
-def read_media(source, key, num_frames=None, side=None):
-    """The image at source (a path or bytes; load_image(source, side)), or with num_frames that many frames of the
-    video there (read_video); Skip("bad_image" / "bad_video", key) if it cannot be read."""
-    if num_frames is None:
+def read_media(reader, source, key, generator) -> torch.Tensor:
+    """reader.transform(image, generator) of the image at source (a path or bytes), or with reader.media "video" of
+    reader.num_frames frames of the video there, each from the same generator state (one crop, flip and jitter for
+    the clip) -> (T, 3, S, S); Skip("bad_image" / "bad_video", key) if it cannot be read."""
+    if reader.media == "image":
         with skip_on("bad_image", key):
-            return load_image(source, side)
+            image = load_image(source, reader.decode_side)
+        return reader.transform(image, generator)
     with skip_on("bad_video", key, VideoError):
-        return read_video(io.BytesIO(source) if isinstance(source, bytes) else source, num_frames, name=key)
+        video = read_video(io.BytesIO(source) if isinstance(source, bytes) else source, reader.num_frames, name=key)
+    state, frames = generator.get_state(), []
+    for frame in video:
+        generator.set_state(state)
+        frames.append(reader.transform(Image.fromarray(frame.numpy(), "RGB"), generator))
+    return torch.stack(frames)
 
 
 def expand_braces(pattern: str) -> list[str]:
-    """Shell brace expansion of a shard list: "d/{00000..00002}.tar" (zero padding kept), "{a,b}/{0..1}.tar";
-    nested and several braces expand left to right."""
+    """Shell brace expansion of a shard list, left to right: "d/{00000..00002}.tar" (padding kept), "{a,{0..1}}"."""
     start = pattern.find("{")
     if start < 0:
         return [pattern]
@@ -623,12 +577,10 @@ def expand_braces(pattern: str) -> list[str]:
 class TarShards(torch.utils.data.IterableDataset):
     """webdataset / img2dataset tar shards of {key}.jpg|jpeg|png|webp (media "video": .mp4|webm|mkv|avi|mov) +
     {key}.txt [+ {key}.json] -> (image (3,S,S) or clip (T,3,S,S), caption, key[, parsed json with with_meta]).
-    urls: a brace pattern, a directory (its *.tar) or a list of either. The shards, shuffled per epoch the same on
-    every rank, are dealt round-robin to the ranks x loader workers (rank/world_size default to torch.distributed's).
-    shuffle_buffer > 1: samples leave a buffer of that many in random order. A sample's augmentation is seeded from
-    (seed, epoch, shard, key). Bad data is counted in self.bad: missing/empty_shard, malformed_tar (every complete
-    sample before the damage kept), not_a_file (links), missing_image/video, missing/bad_caption, bad_image/video,
-    bad_json."""
+    urls: a brace pattern, a directory (its *.tar) or a list of either. The shards, shuffled per epoch alike on every
+    rank, are dealt round-robin to ranks x loader workers; shuffle_buffer > 1 shuffles samples in a buffer that big.
+    Augmentation is seeded from (seed, epoch, shard, key). Bad data is counted in self.bad: missing/empty_shard,
+    malformed_tar, not_a_file (links), missing_image/video, missing/bad_caption, bad_image/video, bad_json."""
 
     def __init__(self, urls, transform=None, image_size=224, shuffle_buffer=0, seed=0, rank=None,
                  world_size=None, epoch=0, shuffle_shards=True, media="image", num_frames=8, with_meta=False,
@@ -701,8 +653,7 @@ class TarShards(torch.utils.data.IterableDataset):
                 if len(end) < 512 or any(end):
                     raise tarfile.ReadError("no end-of-archive marker (truncated?)")
         except (tarfile.TarError, EOFError, OSError, ValueError, zlib.error) as error:
-            self.bad.add("malformed_tar", name, f"{error}" + (f"; sample {key} cut, dropped" if cut else ""),
-                         self.epoch)
+            self.bad.add("malformed_tar", name, f"{error}{f'; sample {key} cut, dropped' if cut else ''}", self.epoch)
             if cut or key is None:
                 return
         if key is None:
@@ -713,8 +664,8 @@ class TarShards(torch.utils.data.IterableDataset):
     def decode(self, shard: str, key: str, files: dict):
         """(tensor, caption, key[, meta]) of one sample's files; Skip if it is bad."""
         label = f"{os.path.basename(shard)}/{key}"
-        extension = next((e for e in (IMAGE_EXTENSIONS if self.media == "image" else VIDEO_EXTENSIONS)
-                          if e in files), None)
+        extensions = IMAGE_EXTENSIONS if self.media == "image" else VIDEO_EXTENSIONS
+        extension = next((e for e in extensions if e in files), None)
         if extension is None:
             raise Skip(f"missing_{self.media}", label, f"has {sorted(files)}")
         with skip_on("bad_caption", label, UnicodeDecodeError):
@@ -725,10 +676,8 @@ class TarShards(torch.utils.data.IterableDataset):
         if self.with_meta:
             with skip_on("bad_json", label, (ValueError, UnicodeDecodeError)):
                 meta = json.loads(files["json"]) if "json" in files else {}
-        generator = item_generator(self.seed, "tar", self.epoch, os.path.basename(shard), key)
-        media = read_media(files[extension], label, self.num_frames if self.media == "video" else None,
-                           self.decode_side)
-        pixels = apply_transform(self.transform, media, generator)
+        pixels = read_media(self, files[extension], label,
+                            item_generator(self.seed, "tar", self.epoch, os.path.basename(shard), key))
         return (pixels, caption, key, meta) if self.with_meta else (pixels, caption, key)
 
     def __iter__(self):
@@ -760,8 +709,7 @@ class TarShards(torch.utils.data.IterableDataset):
 
 
 def _read_text(path: str) -> str:
-    """A UTF-8 text file (a byte-order mark, as spreadsheets write, is dropped); ValueError naming the file and line
-    of the first byte that is not UTF-8."""
+    """A UTF-8 text file without the byte-order mark spreadsheets write; ValueError naming the file and line if not."""
     with open(path, "rb") as f:
         raw = f.read()
     try:
@@ -773,11 +721,9 @@ def _read_text(path: str) -> str:
 
 
 class Records(torch.utils.data.Dataset):
-    """The map-style reader of every file layout: item i = self.load(self.records[i], generator), generator =
-    item_generator(seed, self.tag, epoch, i); a bad item (load raises Skip) is None, counted in self.bad. The
-    default load takes (path, key, caption or [captions], target) -> (transform of the image at path, or of
-    num_frames frames of the video there with media "video", caption, target); of several captions, one is drawn
-    per epoch (train) or the first taken."""
+    """The map-style reader of every file layout: item i = self.load(self.records[i], item_generator(seed, self.tag,
+    epoch, i)), None if bad (load raised Skip; counted in self.bad). The default load takes (path, key, caption or
+    [captions], target) -> (read_media(path), the caption (one per epoch with train, else the first), target)."""
 
     tag, media, train = "records", "image", True
 
@@ -802,10 +748,9 @@ class Records(torch.utils.data.Dataset):
 
     def load(self, record, generator):
         path, key, caption, target = record
-        media = read_media(path, key, self.num_frames if self.media == "video" else None, self.decode_side)
         if not isinstance(caption, str):
             caption = caption[_randint(generator, 0, len(caption))] if self.train else caption[0]
-        return apply_transform(self.transform, media, generator), caption, target
+        return read_media(self, path, key, generator), caption, target
 
     def _caption(self, caption, where) -> str | None:
         """caption stripped ("" if missing), or None if it is not text (a number or a list), counted as bad_caption."""
@@ -816,9 +761,8 @@ class Records(torch.utils.data.Dataset):
 
 
 class CaptionFile(Records):
-    """An image folder + a captions file: CSV with a path,caption header, or JSONL {"path", "caption"} lines, in
-    UTF-8; paths relative to image_root (default: the file's folder) -> (image, caption, path). Rows without a
-    path or caption are counted when the file is read."""
+    """A UTF-8 captions file, CSV with a path,caption header or JSONL {"path", "caption"} lines, of images under
+    image_root (default: the file's folder) -> (image, caption, path); bad rows are counted as the file is read."""
 
     tag = "captions"
 
@@ -856,9 +800,8 @@ class CaptionFile(Records):
 
 class CocoCaptions(Records):
     """COCO-captions JSON ({"images": [{"id", "file_name"}], "annotations": [{"image_id", "caption"}]}): one item
-    per image with all its captions (self.captions, self.image_ids, for retrieval) -> (image, caption, image_id),
-    the caption drawn per epoch (train) or the first. Images without captions, captions of unknown images and
-    captions that are not text are counted."""
+    per image with all its captions (self.captions, self.image_ids, for retrieval) -> (image, caption, image_id).
+    Images without captions, captions of unknown images and captions that are not text are counted."""
 
     tag = "coco"
 
@@ -893,49 +836,41 @@ class CocoCaptions(Records):
                 self.records.append((os.path.join(image_root, file_name), file_name, captions[image_id], image_id))
             else:
                 self.bad.add("missing_caption", file_name)
-        self.image_ids = [record[3] for record in self.records]
-        self.captions = [record[2] for record in self.records]
-
-
-def _class_folders(root, extensions, class_names):
-    """(class names, [(path under root, label)]) of root/<class>/<file>. class_names: None (the folder names, '_'
-    as spaces), a list, or a path to a JSON {folder: name} or a text file of names in folder order."""
-    if not os.path.isdir(root):
-        raise FileNotFoundError(f"{root}: no such folder")
-    folders = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)))
-    if not folders:
-        raise ValueError(f"{root}: no class folders (expected root/<class_name>/<files>)")
-    samples = [(os.path.join(folder, name), label) for label, folder in enumerate(folders)
-               for name in sorted(os.listdir(os.path.join(root, folder)))
-               if name.rpartition(".")[2].lower() in extensions]
-    if class_names is None:
-        return [folder.replace("_", " ") for folder in folders], samples
-    if isinstance(class_names, str):
-        with open(class_names, encoding="utf-8") as f:
-            if class_names.endswith(".json"):
-                mapping = json.load(f)
-                missing = [folder for folder in folders if folder not in mapping]
-                if missing:
-                    raise ValueError(f"{class_names}: no name for class folders {missing[:5]}")
-                return [str(mapping[folder]) for folder in folders], samples
-            class_names = [line.strip() for line in f if line.strip()]
-    if len(class_names) != len(folders):
-        raise ValueError(f"{root}: {len(folders)} class folders but {len(class_names)} class names")
-    return list(class_names), samples
+        self.captions, self.image_ids = [record[2] for record in self.records], [record[3] for record in self.records]
 
 
 class ClassFolder(Records):
-    """ImageNet-style class folders root/<class>/<image> -> (image, "a photo of a <class name>.", label);
-    class_names as in _class_folders (ImageNet's folders are WordNet ids: pass their names)."""
+    """ImageNet-style class folders root/<class>/<image> -> (image, "a photo of a <class name>.", label). class_names:
+    None (the folder names, '_' as spaces), a list, or a JSON {folder: name} or text file of names in folder order
+    (ImageNet's folders are WordNet ids: pass their names)."""
 
     tag, extensions, caption = "folder", IMAGE_EXTENSIONS, "a photo of {a}."
 
     def __init__(self, root, transform=None, image_size=224, class_names=None, seed=0, epoch=0,
                  bad_report_dir=None, num_frames=8):
         super().__init__(transform, image_size, seed, epoch, bad_report_dir, num_frames)
-        self.class_names, samples = _class_folders(root, self.extensions, class_names)
-        self.records = [(os.path.join(root, path), path, self.caption.format(a=with_article(self.class_names[label])),
-                         label) for path, label in samples]
+        if not os.path.isdir(root):
+            raise FileNotFoundError(f"{root}: no such folder")
+        folders = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)))
+        if not folders:
+            raise ValueError(f"{root}: no class folders (expected root/<class_name>/<files>)")
+        names = [folder.replace("_", " ") for folder in folders] if class_names is None else class_names
+        if isinstance(class_names, str):
+            text = _read_text(class_names)
+            lines = [line.strip() for line in text.splitlines()]
+            names = json.loads(text) if class_names.endswith(".json") else [line for line in lines if line]
+        if isinstance(names, dict):
+            missing = [folder for folder in folders if folder not in names]
+            if missing:
+                raise ValueError(f"{class_names}: no name for class folders {missing[:5]}")
+            names = [str(names[folder]) for folder in folders]
+        if len(names) != len(folders):
+            raise ValueError(f"{root}: {len(folders)} class folders but {len(names)} class names")
+        self.class_names = list(names)
+        self.records = [(os.path.join(root, folder, name), os.path.join(folder, name),
+                         self.caption.format(a=with_article(self.class_names[label])), label)
+                        for label, folder in enumerate(folders) for name in sorted(os.listdir(os.path.join(root, folder)))
+                        if name.rpartition(".")[2].lower() in self.extensions]
 
 
 class VideoFolder(ClassFolder):
@@ -949,8 +884,7 @@ class VideoFolder(ClassFolder):
 
 
 class VideoList(Records):
-    """Videos listed as [(path, label, caption)] (make_embedded_videos) -> (clip (T, 3, S, S), caption, label),
-    label_key picking the label of a dict label ("class_id" or "motion_id")."""
+    """Videos [(path, label, caption)] (make_embedded_videos) -> (clip, caption, label[label_key] of a dict label)."""
 
     tag, media = "video", "video"
 
@@ -962,11 +896,9 @@ class VideoList(Records):
 
 
 def _files_by_stem(folder, extensions):
-    out = {}
-    for path in sorted(glob.glob(os.path.join(folder, "**", "*"), recursive=True)):
-        if path.rpartition(".")[2].lower() in extensions:
-            out[os.path.splitext(os.path.relpath(path, folder))[0]] = path
-    return out
+    paths = sorted(glob.glob(os.path.join(folder, "**", "*"), recursive=True))
+    return {os.path.splitext(os.path.relpath(path, folder))[0]: path for path in paths
+            if path.rpartition(".")[2].lower() in extensions}
 
 
 def _resize_labels(array: np.ndarray, size) -> torch.Tensor:
@@ -974,8 +906,9 @@ def _resize_labels(array: np.ndarray, size) -> torch.Tensor:
     tensor = torch.from_numpy(np.ascontiguousarray(array))
     if size is None:
         return tensor
-    height, width = (size, size) if isinstance(size, int) else size
-    return F.interpolate(tensor[None, None].double(), size=(height, width), mode="nearest")[0, 0].to(tensor.dtype)
+    size = (size, size) if isinstance(size, int) else tuple(size)
+    resized = torch.nn.functional.interpolate(tensor[None, None].double(), size=size, mode="nearest")
+    return resized[0, 0].to(tensor.dtype)
 
 
 class _Pairs(Records):
@@ -983,11 +916,9 @@ class _Pairs(Records):
 
     def __init__(self, images, others, missing, image_size, bad_report_dir, error):
         super().__init__(image_size=image_size, bad_report_dir=bad_report_dir)
-        for stem, path in images.items():
-            if stem in others:
-                self.records.append((path, others[stem]))
-            else:
-                self.bad.add(missing, stem)
+        self.records = [(path, others[stem]) for stem, path in images.items() if stem in others]
+        for stem in [stem for stem in images if stem not in others]:
+            self.bad.add(missing, stem)
         if not self.records:
             raise ValueError(error)
 
@@ -1017,9 +948,8 @@ class SegmentationFolder(_Pairs):
 
 
 class DepthPairs(_Pairs):
-    """NYU-style root/rgb/X.jpg|png + root/depth/X.png|npy, or X_rgb.* + X_depth.* files anywhere under root ->
-    (image (3,S,S), depth (S,S) float32 metres, valid = depth > 0), resized nearest. PNG depth is in millimetres
-    (NYU, KITTI); .npy holds metres."""
+    """NYU-style root/rgb/X.jpg|png + root/depth/X.png (mm, as NYU and KITTI) or .npy (metres), or X_rgb.* + X_depth.*
+    files under root -> (image (3,S,S), depth (S,S) float32 metres, valid = depth > 0), resized nearest."""
 
     def __init__(self, root, image_size=224, bad_report_dir=None):
         if os.path.isdir(os.path.join(root, "rgb")) and os.path.isdir(os.path.join(root, "depth")):
@@ -1037,10 +967,8 @@ class DepthPairs(_Pairs):
         image_path, depth_path = record
         with skip_on("bad_file", os.path.basename(image_path), (*_IMAGE_ERRORS, EOFError)):
             image = load_image(image_path)
-            if depth_path.endswith(".npy"):
-                depth = np.load(depth_path).astype(np.float32)
-            else:
-                depth = np.asarray(Image.open(depth_path)).astype(np.float32) / 1000
+            depth = (np.load(depth_path) if depth_path.endswith(".npy")
+                     else np.asarray(Image.open(depth_path)).astype(np.float32) / 1000).astype(np.float32)
         depth = _resize_labels(depth, self.image_size)
         return self.transform(image), depth, depth > 0
 
@@ -1057,8 +985,7 @@ class DavisFolder(Records):
             image_dir, mask_dir = os.path.join(image_dir, "480p"), os.path.join(mask_dir, "480p")
         if not os.path.isdir(image_dir):
             raise FileNotFoundError(f"DavisFolder: {image_dir} not found (expected root/JPEGImages[/480p])")
-        self.records = self.sequences = sorted(d for d in os.listdir(image_dir)
-                                               if os.path.isdir(os.path.join(image_dir, d)))
+        self.records = self.sequences = sorted(d for d in os.listdir(image_dir) if os.path.isdir(f"{image_dir}/{d}"))
         self.image_dir, self.mask_dir = image_dir, mask_dir
 
     def load(self, name, generator):
@@ -1136,9 +1063,8 @@ def compose_scene(seed: int, size: int = 224, num_objects=(2, 5), classes=None) 
 
 
 class ComposedScenes(torch.utils.data.Dataset):
-    """num_scenes composed scenes (compose_scene, seed seed_for(seed, i)) -> {image (3, S, S) from transform (default:
-    the official preprocessing; geometric augmentation would break the labels), semantic, depth, instance_masks,
-    labels}; class_names: the names of class ids 0..num_classes-1."""
+    """num_scenes composed scenes (compose_scene, seed seed_for(seed, i)) -> {image (3, S, S), semantic, depth,
+    instance_masks, labels}; the default transform is the official preprocessing (a crop would break the labels)."""
 
     def __init__(self, num_scenes=200, size=224, seed=0, num_classes=DENSE_NUM_CLASSES, num_objects=(2, 5),
                  transform=None, classes=None):
@@ -1153,8 +1079,7 @@ class ComposedScenes(torch.utils.data.Dataset):
     def __getitem__(self, index):
         scene = compose_scene(seed_for(self.seed, index), self.size, self.num_objects, self.classes)
         image = self.transform(scene["image"], item_generator(self.seed, "scene-transform", index))
-        return {"image": image, "semantic": scene["semantic"], "depth": scene["depth"],
-                "instance_masks": scene["instance_masks"], "labels": scene["labels"]}
+        return {"image": image, **{key: scene[key] for key in ("semantic", "depth", "instance_masks", "labels")}}
 
 
 def _motion_state(motion: str, t: float, start: dict) -> tuple[float, float, float, float]:
@@ -1194,18 +1119,14 @@ def compose_video(seed: int, num_frames: int = 8, size: int = 224, motion: str |
     frames, masks = [], torch.zeros(num_frames, size, size, dtype=torch.long)
     for i in range(num_frames):
         t = i / (num_frames - 1) if num_frames > 1 else 0.0
+        layers = [(d + 2, item["label"], item["x"] + item["dx"] * t, item["y"] + item["dy"] * t, item["scale"], 0.0)
+                  for d, item in enumerate(distractors)] + [(1, subject, *_motion_state(motion, t, start))]
         frame = background.copy()
-        for d, distractor in enumerate(distractors):
-            glyph_size = max(4, round(distractor["scale"] * size))
-            center = ((distractor["x"] + distractor["dx"] * t) * size, (distractor["y"] + distractor["dy"] * t) * size)
-            mask = paste_glyph(frame, render_glyph(classes[distractor["label"]][0], glyph_size), center,
-                               glyph_size, 0.0, binary_alpha=True)
-            masks[i][torch.from_numpy(mask)] = d + 2
-        x, y, scale, angle = _motion_state(motion, t, start)
-        glyph_size = max(4, round(scale * size))
-        mask = paste_glyph(frame, render_glyph(classes[subject][0], glyph_size), (x * size, y * size),
-                           glyph_size, angle, binary_alpha=True)
-        masks[i][torch.from_numpy(mask)] = 1
+        for value, label, x, y, scale, angle in layers:  # the subject last, on top
+            glyph_size = max(4, round(scale * size))
+            mask = paste_glyph(frame, render_glyph(classes[label][0], glyph_size), (x * size, y * size), glyph_size,
+                               angle, binary_alpha=True)
+            masks[i][torch.from_numpy(mask)] = value
         frames.append(frame)
     name = classes[subject][1]
     caption = _choice(generator, VIDEO_CAPTION_TEMPLATES).format(a=with_article(name), motion=motion)
@@ -1216,17 +1137,15 @@ def compose_video(seed: int, num_frames: int = 8, size: int = 224, motion: str |
 
 def embedded_video_classes(num_classes: int = 10, class_pool: int | None = None) -> list[tuple[str, str]]:
     """The embedded videos' subjects: emoji_class_subset(num_classes, class_pool), else emoji_classes(num_classes)."""
-    if class_pool and class_pool >= num_classes:
-        return emoji_class_subset(num_classes, class_pool)
-    return emoji_classes(num_classes)
+    use_pool = class_pool and class_pool >= num_classes  # a pool too small for num_classes is not used
+    return emoji_class_subset(num_classes, class_pool) if use_pool else emoji_classes(num_classes)
 
 
 def make_embedded_videos(out_dir: str, num_videos: int = 32, num_frames: int = 8, size: int = 64, seed: int = 0,
                          num_classes: int = 10, class_pool: int | None = None) -> list:
-    """The embedded default videos: num_videos compose_video videos encoded to out_dir/videos/{i:05d}.mp4, video i
-    of motion i % 8 and class (i // 8) % num_classes of embedded_video_classes(num_classes, class_pool) ->
-    [(path, label {"class_id", "class_name", "motion_id", "motion"}, caption)], also in out_dir/manifest.jsonl.
-    Files already made with the same settings are kept, so a second call costs nothing."""
+    """The embedded default videos, compose_video encoded to out_dir/videos/{i:05d}.mp4 (video i: motion i % 8, class
+    (i // 8) % num_classes) -> [(path, label {"class_id", "class_name", "motion_id", "motion"}, caption)], listed in
+    out_dir/manifest.jsonl; files already made with the same settings are kept."""
     classes = embedded_video_classes(num_classes, class_pool)
     settings = {"num_frames": num_frames, "size": size, "seed": seed, "num_classes": num_classes, "fps": 8,
                 "class_pool": class_pool}
@@ -1234,10 +1153,8 @@ def make_embedded_videos(out_dir: str, num_videos: int = 32, num_frames: int = 8
     existing = {}
     if os.path.exists(manifest_path):
         with open(manifest_path, encoding="utf-8") as f:
-            for line in f:
-                row = json.loads(line)
-                if row.get("settings") == settings and os.path.exists(row["path"]):
-                    existing[row["path"]] = row
+            rows = [json.loads(line) for line in f]
+        existing = {row["path"]: row for row in rows if row.get("settings") == settings and os.path.exists(row["path"])}
     os.makedirs(os.path.join(out_dir, "videos"), exist_ok=True)
     rows = []
     for i in range(num_videos):
@@ -1264,7 +1181,7 @@ class VideoError(Exception):
     """An unreadable, truncated or empty video; the message names the file."""
 
 
-_ENCODERS = {".mp4": ("libx264", "mpeg4"), ".webm": ("libvpx-vp9", "libvpx")}  # the first this FFmpeg has
+_ENCODERS = {".mp4": ("libx264", "mpeg4"), ".webm": ("libvpx-vp9", "libvpx")}  # the first this FFmpeg has is used
 
 
 def write_video(path: str, frames, fps: int = 8) -> str:
@@ -1281,16 +1198,12 @@ def write_video(path: str, frames, fps: int = 8) -> str:
     extension = os.path.splitext(path)[1].lower()
     if extension not in _ENCODERS:
         raise ValueError(f"write_video: {path}: unknown extension {extension!r}; expected one of {list(_ENCODERS)}")
+    codecs = [codec for codec in _ENCODERS[extension] if codec in av.codecs_available]
+    if not codecs:
+        raise ValueError(f"write_video: {path}: this FFmpeg has none of the encoders {_ENCODERS[extension]}")
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with av.open(path, "w") as container:
-        for codec in _ENCODERS[extension]:
-            try:
-                stream = container.add_stream(codec, rate=fps)
-                break
-            except Exception as error:  # codec not built into this FFmpeg: try the next
-                last_error = error
-        else:
-            raise ValueError(f"write_video: {path}: no usable encoder among {_ENCODERS[extension]} ({last_error})")
+        stream = container.add_stream(codecs[0], rate=fps)
         stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
         stream.bit_rate = 4_000_000  # small synthetic frames: keep colours faithful
         stream.codec_context.time_base = Fraction(1, fps)
@@ -1311,37 +1224,29 @@ def _declared_duration(container, stream) -> float | None:
     if tag:
         hours, minutes, seconds = tag.split(":")
         return int(hours) * 3600 + int(minutes) * 60 + float(seconds)
-    if len(container.streams) == 1 and container.duration:
-        return container.duration / 1_000_000  # in AV_TIME_BASE (microseconds)
-    return None
+    single = len(container.streams) == 1 and container.duration
+    return container.duration / 1_000_000 if single else None  # in AV_TIME_BASE (microseconds)
 
 
 def _display_array(frame, stream) -> np.ndarray:
     """The frame as (H, W, 3) uint8 RGB, turned upright by its display rotation (counter-clockwise degrees:
     the frame's display matrix in PyAV >= 14, else the older FFmpeg 'rotate' tag, which counts clockwise)."""
     array = frame.to_ndarray(format="rgb24")
-    if hasattr(frame, "rotation"):
-        rotation = frame.rotation or 0
-    else:
-        rotation = -int(stream.metadata.get("rotate", 0) or 0)
-    quarter_turns = round(rotation / 90) % 4
+    rotation = frame.rotation if hasattr(frame, "rotation") else -int(stream.metadata.get("rotate", 0) or 0)
+    quarter_turns = round((rotation or 0) / 90) % 4
     return np.ascontiguousarray(np.rot90(array, quarter_turns)) if quarter_turns else array
 
 
 def read_video(source, num_frames: int = 8, name: str | None = None, return_indices: bool = False):
-    """num_frames frames sampled uniformly (pe_model.sample_frame_indices over the frames in presentation order;
-    fewer than T frames repeat) -> (T, H, W, 3) uint8, upright (display rotation applied). source: a path or a
-    binary file object. The frames are counted from the packets' timestamps, exact where the header's count is
-    missing (WebM) or the frame rate varies; only what is needed is decoded (seeking to the keyframe before a
-    wanted frame rather than decoding through). VideoError names the file of an unreadable, truncated or empty
-    video. return_indices: also return the sampled frame indices."""
+    """num_frames frames of a video (a path or a binary file object) sampled uniformly (pe_model.sample_frame_indices
+    over the frames in presentation order, counted from the packets: exact without a frame count in the header
+    (WebM) or at a variable frame rate) -> (T, H, W, 3) uint8, upright [, the indices]. Decodes only from the
+    keyframe before each wanted frame. VideoError names the file of an unreadable, truncated or empty video."""
     import av
 
     name = name or str(source)
-    if isinstance(source, (str, os.PathLike)) and not os.path.exists(source):
-        raise VideoError(f"{name}: no such file")
-    if isinstance(source, (str, os.PathLike)) and os.path.getsize(source) == 0:
-        raise VideoError(f"{name}: empty file (0 bytes)")
+    if isinstance(source, (str, os.PathLike)) and (not os.path.exists(source) or os.path.getsize(source) == 0):
+        raise VideoError(f"{name}: " + ("empty file (0 bytes)" if os.path.exists(source) else "no such file"))
     try:
         container = av.open(source)
     except Exception as error:  # FFmpeg's errors for a corrupt file vary by container and version

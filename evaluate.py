@@ -11,19 +11,17 @@ at the output of the network").
     python evaluate.py --vqa --vqa_checkpoint=out/lang/vlm.pt        # --vqa_plugin=align_lang:vqa_accuracy
 
 Tasks (--all, or any of the flags; none = all), on small embedded data (data.py) or the public layouts:
-  --zero_shot: top-1 / top-5 with pe_model.zero_shot_classifier's prompt ensemble, as clip_benchmark scores it.
-  --robustness: zero-shot on shifted val copies standing in for ImageNet-v2/-R/-Sketch/-A and ObjectNet, and
-    their mean (the paper's robustness average).  --retrieval: image<->text recall@1/5/10 (COCO captions).
-  --video_zero_shot (§2.2): a video is the mean of its 8 uniformly sampled frames' embeddings.
-  --layerwise (§3): frozen probes on every block's tokens (one forward pass per image, layers 0-based as the
-    official layer_idx, before ln_post): classification, segmentation mIoU, depth RMSE, and tracking J by
-    label propagation (the DINO / DAVIS protocol; --tracking alone).  --vqa (§4): by the --vqa_plugin function.
-Every EvalConfig field is a --field=value option. --checkpoint=A,B evaluates each (--model=NAME for all, or
-NAME_A,NAME_B); a vision-only tower (PE-Spatial, PE-Lang) skips the text tasks. A train_clip.py checkpoint
-sets the class count, resolution and seed to its run's, so zero-shot scores the split its training held out.
-
-Writes into --out_dir: results.json (a key per task plus meta; several checkpoints: {"checkpoints": [one such
-dict each], "meta"}), results.md (the tables; several checkpoints: first a table per task with a column per
+--zero_shot (top-1 / top-5, pe_model.zero_shot_classifier's prompt ensemble, scored as clip_benchmark does);
+--robustness (zero-shot on shifted val copies standing in for ImageNet-v2/-R/-Sketch/-A and ObjectNet, and their
+mean, the paper's robustness average); --retrieval (image<->text recall@1/5/10, COCO captions);
+--video_zero_shot (§2.2: a video is the mean of its 8 uniformly sampled frames' embeddings); --layerwise (§3:
+frozen probes on every block's tokens, 0-based as the official layer_idx, before ln_post: classification,
+segmentation mIoU, depth RMSE, tracking J by label propagation as DINO / DAVIS, --tracking alone); --vqa (§4,
+by the --vqa_plugin function). Every EvalConfig field is a --field=value option. --checkpoint=A,B evaluates
+each (--model=NAME for all, or NAME_A,NAME_B); a vision-only tower (PE-Spatial, PE-Lang) skips the text tasks.
+A train_clip.py checkpoint sets the class count, resolution and seed to its run's (zero-shot scores its held-out
+split). Writes into --out_dir: results.json (a key per task plus meta; several checkpoints: {"checkpoints": [one
+such dict each], "meta"}), results.md (the tables; several checkpoints: first a table per task with a column per
 checkpoint), layerwise.png (every probe against the layer) and layerwise_tasks.png (a panel per probe), or
 layerwise_k.png / layerwise_tasks_k.png for the k-th of several checkpoints.
 """
@@ -42,15 +40,14 @@ from tqdm import tqdm
 
 import data
 import pe_model
-from training import (checkpoint_train_config, final_resolution, fmt, load_plugin, markdown_table, parse_config,
-                      resolve_checkpoint, write_json)
+from training import (RULES as TRAINING_RULES, checkpoint_train_config, final_resolution, fmt, load_plugin,
+                      markdown_table, parse_config, positive, resolve_checkpoint, write_json)
 
 TASKS = ("zero_shot", "robustness", "retrieval", "video_zero_shot", "layerwise", "tracking", "vqa")
 
 
 @dataclass
 class EvalConfig:
-    # model
     checkpoint: str = ""  # ours or official .pt file(s), comma-separated; "" = the newest train_clip.py wrote
     model: str = ""  # official name: needed for official .pt files (PE-Core-B16-224); one, or one per checkpoint
     random_init: bool = False  # evaluate an untrained --model (a baseline); no checkpoint read
@@ -76,8 +73,7 @@ class EvalConfig:
     num_scenes: int = 400  # composed scenes for the dense probes: 3/4 train, 1/4 test
     num_track_videos: int = 16  # composed videos for the tracking probe
     track_frames: int = 12  # frames per tracking video
-    image_size: int = 0  # classification / zero-shot / video resolution; 0 = the checkpoint's final training
-    #                      resolution (its train_config: train_clip.py evaluates there too), else the model's
+    image_size: int = 0  # classification / zero-shot / video resolution; 0 = the checkpoint's last training one
     dense_size: int = 0  # resolution of the dense probes and tracking; 0 = the model's, at least 16 patches a side
     # probes
     pooling: str = "mean"  # classification probe input: "mean" of patch tokens or "cls" (class token)
@@ -99,14 +95,21 @@ class EvalConfig:
     # language alignment: the stage that owns the VLM provides its accuracy as a plug-in
     vqa_checkpoint: str = ""  # a checkpoint align_lang.py wrote
     vqa_plugin: str = "align_lang:vqa_accuracy"  # module:function(checkpoint_path, batch_size=, device=) -> dict
-    # run
     batch_size: int = 64
     seed: int = 0
     device: str = "auto"  # auto = cuda if available, else cpu
 
 
-# ---------------------------------------------------------------------------------------------------------
-# Models and batching
+RULES = {  # besides training.RULES, checked at start (one line names the field)
+    "model": (lambda v: all(TRAINING_RULES["model"][0](name) for name in v.split(",")),
+              "official names or JSON config files, one or one per checkpoint"),
+    "pooling": (lambda v: v in ("mean", "cls"), "mean or cls"),
+    **positive("layer_stride", "num_val", "num_frames", "video_frames", "track_frames", "track_topk"),
+    "track_temperature": (lambda v: v > 0, "a number > 0"),
+}
+
+
+# Models and batching -------------------------------------------------------------------------------------
 
 
 def load_eval_model(cfg):
@@ -128,8 +131,7 @@ def resolve_defaults(cfg, model, checkpoint_path):
     """Fill the 0 = automatic fields from a train_clip.py checkpoint's train_config (its class count, last-stage
     resolution and seed give back its held-out split); else 100 classes at the model's pretraining size."""
     trained = checkpoint_train_config(checkpoint_path) if checkpoint_path else {}
-    if trained.get("data") != "emoji":
-        trained = {}
+    trained = trained if trained.get("data") == "emoji" else {}
     if not cfg.num_classes:
         cfg.num_classes = data.trained_class_count(trained)
     if not cfg.image_size:
@@ -162,21 +164,22 @@ def first_indices(dataset, max_items):
 
 
 @torch.no_grad()
-def encode_image_dataset(model, dataset, batch_size=64, device="cpu", desc="images", indices=None):
-    """(image, caption, label) items -> (L2-normalised image embeddings (N, D), labels (N,), captions [N])."""
+def encode_image_dataset(model, dataset, batch_size=64, device="cpu", desc="images", indices=None, video=False):
+    """(image, caption, label) items -> (L2-normalised image embeddings (N, D), labels (N,), captions [N]); video:
+    (clip, ...) items, a clip's embedding the mean of its L2-normalised frame embeddings (§2.2), renormalised."""
     features, labels, captions = [], [], []
     for batch in iterate_batches(dataset, batch_size, desc, indices):
-        images = torch.stack([item[0] for item in batch]).to(device)
-        features.append(model.encode_image(images, normalize=True).float().cpu())
+        media = torch.stack([item[0] for item in batch]).to(device)  # (B, 3, H, W) or (B, T, 3, H, W)
+        embeddings = (model.encode_video if video else model.encode_image)(media, normalize=True).float()
+        features.append((F.normalize(embeddings, dim=-1) if video else embeddings).cpu())
         captions += [item[1] for item in batch]
         labels += [int(item[2]) for item in batch]
     if not features:
-        raise SystemExit(f"{desc}: no readable images")
+        raise SystemExit(f"{desc}: no readable {'videos' if video else 'images'}")
     return torch.cat(features), torch.tensor(labels), captions
 
 
-# ---------------------------------------------------------------------------------------------------------
-# Zero-shot classification, scored as the official benchmark (clip_benchmark) does
+# Zero-shot classification, scored as the official benchmark (clip_benchmark) does ------------------------
 
 
 def zero_shot_accuracy(image_features, classifier, labels, ks=(1, 5)):
@@ -220,9 +223,8 @@ def run_zero_shot(model, cfg, device, cache):
             "templates": len(data.ZERO_SHOT_TEMPLATES), "data": description}
 
 
-# ---------------------------------------------------------------------------------------------------------
-# Robustness: shifted copies of the val images stand in for the ImageNet variants (-v2, -R, -Sketch, -A) and
-# ObjectNet that the paper's robustness average is taken over.
+# Robustness ----------------------------------------------------------------------------------------------
+# Shifted val copies stand in for ImageNet-v2/-R/-Sketch/-A and ObjectNet, the paper's robustness average's sets.
 
 
 def _rand(generator, low=0.0, high=1.0):
@@ -277,8 +279,7 @@ def run_robustness(model, cfg, device, cache):
     elif not data.noto_available():
         notes["noto"] = f"skipped: {data.NOTO_FONT} not installed (Debian fonts-noto-color-emoji)"
     else:
-        # the other design of the same emoji (as ImageNet-R is renditions of ImageNet classes): the items of the
-        # classes Noto has, still classified among all the classes
+        # another design of the same emoji (as ImageNet-R renders ImageNet classes), among all the classes
         noto = classification_set(cfg, image_size, style="noto")[0]
         noto_indices = noto.present_indices()
         features, labels, _ = encode_image_dataset(model, noto, cfg.batch_size, device, "shift: noto", noto_indices)
@@ -292,8 +293,7 @@ def run_robustness(model, cfg, device, cache):
             "images_per_set": len(indices), "data": description}
 
 
-# ---------------------------------------------------------------------------------------------------------
-# Retrieval
+# Retrieval -----------------------------------------------------------------------------------------------
 
 
 def recall_at_k(similarity, relevant, ks=(1, 5, 10)):
@@ -349,8 +349,8 @@ def run_retrieval(model, cfg, device, cache):
             "texts": len(texts), "skipped_bad": skipped, "data": description}
 
 
-# ---------------------------------------------------------------------------------------------------------
-# Video zero-shot classification (§2.2: a video's embedding is the mean of its frames' embeddings)
+# Video zero-shot classification (§2.2) -------------------------------------------------------------------
+# A video's embedding is the mean of its frames' embeddings.
 
 VIDEO_TEMPLATES = tuple(data.ZERO_SHOT_TEMPLATES) + ("a video of {a}.", "a clip of {a}")
 
@@ -375,21 +375,15 @@ def run_video_zero_shot(model, cfg, device, cache):
         description = (f"embedded: {cfg.num_videos} composed videos ({cfg.video_frames} frames, .mp4 in {folder}), "
                        f"{cfg.num_video_classes} emoji classes of the {cfg.num_classes} classification classes")
     classifier = pe_model.zero_shot_classifier(model, class_names, VIDEO_TEMPLATES, device=device).cpu()
-    features, labels = [], []
-    for batch in iterate_batches(dataset, max(1, cfg.batch_size // cfg.num_frames), "video zero-shot", indices):
-        clips = torch.stack([item[0] for item in batch]).to(device)  # (B, T, 3, H, W)
-        # the mean of the L2-normalised frame embeddings, renormalised
-        features.append(F.normalize(model.encode_video(clips, normalize=True).float(), dim=-1).cpu())
-        labels += [int(item[2]) for item in batch]
-    if not features:
-        raise SystemExit(f"{description}: no readable videos")
-    return {**zero_shot_accuracy(torch.cat(features), classifier, torch.tensor(labels)), "videos": len(labels),
+    features, labels, _ = encode_image_dataset(model, dataset, max(1, cfg.batch_size // cfg.num_frames), device,
+                                               description, indices, video=True)
+    return {**zero_shot_accuracy(features, classifier, labels), "videos": len(labels),
             "skipped_bad": len(indices) - len(labels), "classes": len(class_names), "frames_per_video": cfg.num_frames,
             "data": description}
 
 
-# ---------------------------------------------------------------------------------------------------------
-# Layer-wise frozen features (§3). One forward_all_layers pass per image gives every block's tokens.
+# Layer-wise frozen features (§3) -------------------------------------------------------------------------
+# One forward_all_layers pass per image gives every block's tokens.
 
 
 @torch.no_grad()
@@ -408,14 +402,10 @@ def layer_features(visual, images, batch_size=32, pooling=None, layers=None, dev
         every_layer = visual.forward_all_layers(images[start:start + batch_size].to(device))  # L x (B, N, W)
         for slot, layer in enumerate(layers):
             tokens = every_layer[layer].float()
-            if pooling == "cls":
-                outputs[slot].append(tokens[:, 0].cpu())
-                continue
             patches = tokens[:, 1:] if visual.use_cls_token else tokens  # (B, gh*gw, W)
-            if pooling == "mean":
-                outputs[slot].append(patches.mean(dim=1).cpu())
-            else:
-                outputs[slot].append(patches.unflatten(1, (grid_h, grid_w)).cpu())  # (B, gh, gw, W)
+            pooled = (tokens[:, 0] if pooling == "cls" else patches.mean(dim=1) if pooling == "mean" else
+                      patches.unflatten(1, (grid_h, grid_w)))  # (B, W) or (B, gh, gw, W)
+            outputs[slot].append(pooled.cpu())
     return [torch.cat(chunks) for chunks in outputs]
 
 
@@ -425,8 +415,8 @@ def dense_resolution(visual, image_size=0, min_grid=16):
     return max(image_size or visual.image_size, min_grid * visual.patch_size)
 
 
-# ---------------------------------------------------------------------------------------------------------
-# Linear probes on standardised features, deterministic. Classification and depth: ridge regression,
+# Linear probes -------------------------------------------------------------------------------------------
+# On standardised features, deterministic. Classification and depth: ridge regression,
 # W = (X^T X + lambda I)^-1 X^T Y from one eigendecomposition of X^T X (one product per lambda), lambda picked
 # on a held-out 20% of the training set. Segmentation: a softmax probe (fit_softmax_probe).
 
@@ -444,11 +434,8 @@ def _ridge_solutions(x, y, l2_values, chunk=16384):
         cross += xc.T @ yc
     eigenvalues, eigenvectors = torch.linalg.eigh(gram)
     rotated = eigenvectors.T @ cross  # (d, k)
-    solutions = []
-    for l2 in l2_values:
-        weight = eigenvectors @ (rotated / (eigenvalues.clamp_min(0) + l2)[:, None])
-        solutions.append((weight, mean_y))  # centred features: the bias is the target mean
-    return solutions
+    # centred features: the bias is the target mean
+    return [(eigenvectors @ (rotated / (eigenvalues.clamp_min(0) + l2)[:, None]), mean_y) for l2 in l2_values]
 
 
 def fit_linear_probe(features, targets, select="mse", l2_grid=L2_GRID, holdout=0.2, seed=0):
@@ -469,10 +456,8 @@ def fit_linear_probe(features, targets, select="mse", l2_grid=L2_GRID, holdout=0
         for weight, bias in _ridge_solutions(standardised[fit] - fit_mean, targets[fit],
                                              [g * len(fit) for g in l2_grid]):
             predictions = (standardised[check].double() - fit_mean.double()) @ weight + bias
-            if select == "accuracy":
-                errors.append(-(predictions.argmax(dim=1) == targets[check].argmax(dim=1)).double().mean().item())
-            else:
-                errors.append((predictions - targets[check].double()).pow(2).mean().item())
+            errors.append(-(predictions.argmax(dim=1) == targets[check].argmax(dim=1)).double().mean().item()
+                          if select == "accuracy" else (predictions - targets[check].double()).pow(2).mean().item())
         best_l2 = l2_grid[min(range(len(errors)), key=errors.__getitem__)]  # first of equals: least shrinkage
     weight, bias = _ridge_solutions(standardised, targets, [best_l2 * n])[0]
     # ((x - mean) / std) @ weight + bias  ==  x @ (weight / std) + (bias - (mean / std) @ weight)
@@ -492,8 +477,7 @@ def fit_softmax_probe(features, targets, l2=1e-4, steps=150, max_samples=20000, 
     n = len(features)
     mean, std = features.mean(dim=0), features.std(dim=0).clamp_min(1e-6)
     inputs = torch.cat([(features - mean) / std, torch.ones(n, 1)], dim=1)  # (n, d + 1): the bias as a column
-    decay = torch.ones(inputs.shape[1], 1)
-    decay[-1] = 0.0  # no weight decay on the bias
+    decay = torch.cat([torch.ones(inputs.shape[1] - 1, 1), torch.zeros(1, 1)])  # no weight decay on the bias
     lipschitz = 0.5 * torch.linalg.eigvalsh(inputs.T @ inputs / n)[-1].item() + 2 * l2
     weight = torch.zeros(inputs.shape[1], targets.shape[1])
     lookahead, momentum = weight, 1.0
@@ -516,45 +500,40 @@ def classification_probe(train_features, train_labels, test_features, test_label
     return 100.0 * (predictions == test_labels).float().mean().item()
 
 
-def _patch_of_pixel(height, width, grid_h, grid_w):
-    """(H*W,) index of the patch each pixel falls in: pixel (y, x) -> patch (y * gh // H, x * gw // W)."""
-    rows = torch.arange(height) * grid_h // height
-    cols = torch.arange(width) * grid_w // width
-    return (rows[:, None] * grid_w + cols[None, :]).flatten()
+def _patch_index(shape, grid):
+    """Pixel maps of shape (N, H, W) -> the (image, patch) slot of each pixel (N, H*W), pixel (y, x) falling in
+    patch (y * gh // H, x * gw // W), and each patch's pixel count (gh*gw,)."""
+    n, height, width = shape
+    rows, cols = torch.arange(height) * grid[0] // height, torch.arange(width) * grid[1] // width
+    patch_of_pixel = (rows[:, None] * grid[1] + cols[None, :]).flatten()
+    pixels = torch.bincount(patch_of_pixel, minlength=grid[0] * grid[1])
+    return torch.arange(n)[:, None] * (grid[0] * grid[1]) + patch_of_pixel, pixels
 
 
 def patch_targets(labels, grid, num_classes, ignore_index=None):
     """Pixel class maps (N, H, W) -> each class's fraction of a patch's valid pixels (N, gh, gw, num_classes)
     and the valid fraction (N, gh, gw); ignore_index and labels outside [0, num_classes) are not valid."""
-    n, height, width = labels.shape
-    grid_h, grid_w = grid
-    patch_of_pixel = _patch_of_pixel(height, width, grid_h, grid_w)
-    flat = labels.reshape(n, -1).long()
+    patch_index, pixels = _patch_index(labels.shape, grid)
+    flat = labels.reshape(len(labels), -1).long()
     valid = (flat >= 0) & (flat < num_classes)
     if ignore_index is not None:
         valid &= flat != ignore_index
-    patch_index = torch.arange(n)[:, None] * (grid_h * grid_w) + patch_of_pixel[None, :]  # (N, H*W)
     slots = patch_index * num_classes + flat.clamp(0, num_classes - 1)
-    counts = torch.bincount(slots[valid], minlength=n * grid_h * grid_w * num_classes).float()
-    counts = counts.view(n, grid_h, grid_w, num_classes)
-    pixels_per_patch = torch.bincount(patch_of_pixel, minlength=grid_h * grid_w).float().view(grid_h, grid_w)
+    counts = torch.bincount(slots[valid], minlength=len(labels) * len(pixels) * num_classes).float()
+    counts = counts.view(len(labels), *grid, num_classes)
     totals = counts.sum(dim=-1)
-    return counts / totals.clamp_min(1)[..., None], totals / pixels_per_patch
+    return counts / totals.clamp_min(1)[..., None], totals / pixels.float().view(*grid)
 
 
 def patch_means(values, grid, valid=None):
     """The mean of a pixel map (N, H, W) over each patch's valid pixels (N, gh, gw), and their fraction."""
-    n, height, width = values.shape
-    grid_h, grid_w = grid
-    patch_of_pixel = _patch_of_pixel(height, width, grid_h, grid_w)
-    slots = (torch.arange(n)[:, None] * (grid_h * grid_w) + patch_of_pixel[None, :]).flatten()
-    valid = torch.ones(n, height * width, dtype=torch.bool) if valid is None else valid.reshape(n, -1)
-    valid = valid.flatten()
-    sums = torch.bincount(slots[valid], weights=values.reshape(-1)[valid].double(), minlength=n * grid_h * grid_w)
-    counts = torch.bincount(slots[valid], minlength=n * grid_h * grid_w).double()
-    pixels_per_patch = torch.bincount(patch_of_pixel, minlength=grid_h * grid_w).double().repeat(n)
-    means = (sums / counts.clamp_min(1)).float().view(n, grid_h, grid_w)
-    return means, (counts / pixels_per_patch).float().view(n, grid_h, grid_w)
+    patch_index, pixels = _patch_index(values.shape, grid)
+    slots, size, shape = patch_index.flatten(), len(values) * len(pixels), (len(values), *grid)
+    valid = torch.ones(len(slots), dtype=torch.bool) if valid is None else valid.flatten()
+    sums = torch.bincount(slots[valid], weights=values.reshape(-1)[valid].double(), minlength=size)
+    counts = torch.bincount(slots[valid], minlength=size).double()
+    means = (sums / counts.clamp_min(1)).float().view(shape)
+    return means, (counts / pixels.double().repeat(len(values))).float().view(shape)
 
 
 def upsample_patches(patch_values, size):
@@ -619,10 +598,9 @@ def depth_probe(train_grids, train_depth, test_grids, test_depth, train_valid=No
     return math.sqrt(squared / max(count, 1))
 
 
-# ---------------------------------------------------------------------------------------------------------
-# Tracking by label propagation (the DINO / PE DAVIS protocol): a patch's labels are the softmax-weighted vote
-# of its top-k most similar patches (cosine) within `radius` in the first frame (its given mask) and the
-# `context` previous frames (their propagated soft labels); upsampled bilinearly to pixels, argmax.
+# Tracking by label propagation (the DINO / PE DAVIS protocol) --------------------------------------------
+# A patch's labels: the softmax-weighted vote of its top-k most similar patches (cosine) within `radius` in the
+# first frame (its given mask) and the `context` previous frames (their soft labels); upsampled to pixels, argmax.
 
 
 def propagate_labels(features, first_labels, num_labels, topk=5, temperature=0.1, context=7, radius=12):
@@ -632,8 +610,7 @@ def propagate_labels(features, first_labels, num_labels, topk=5, temperature=0.1
     size = first_labels.shape
     patches = F.normalize(features.reshape(frames, grid_h * grid_w, channels).float(), dim=-1)  # (T, P, C)
     soft = [patch_targets(first_labels[None], (grid_h, grid_w), num_labels)[0][0].reshape(-1, num_labels)]
-    rows = torch.arange(grid_h).repeat_interleave(grid_w)
-    cols = torch.arange(grid_w).repeat(grid_h)
+    rows, cols = torch.arange(grid_h).repeat_interleave(grid_w), torch.arange(grid_w).repeat(grid_h)
     near = torch.ones(grid_h * grid_w, grid_h * grid_w, dtype=torch.bool)
     if radius:
         near = ((rows[:, None] - rows[None, :]).abs() <= radius) & ((cols[:, None] - cols[None, :]).abs() <= radius)
@@ -659,18 +636,15 @@ def track_iou(pred, target, num_labels, skip_first=True):
     frames = [t for t in range(start, len(target)) if (target[t] >= 0).any()]
     scores = []
     for label in range(1, num_labels):
-        per_frame = []
-        for t in frames:
-            p, g = pred[t] == label, target[t] == label
-            union = (p | g).sum().item()
-            per_frame.append(1.0 if union == 0 else (p & g).sum().item() / union)
+        masks = [(pred[t] == label, target[t] == label) for t in frames]
+        per_frame = [(p & g).sum().item() / (p | g).sum().item() if (p | g).any() else 1.0 for p, g in masks]
         if per_frame:
             scores.append(sum(per_frame) / len(per_frame))
     return 100.0 * sum(scores) / len(scores) if scores else float("nan")
 
 
-# ---------------------------------------------------------------------------------------------------------
-# The layer-wise analysis: each probe per layer, on embedded data (exact masks and depth) or a public layout
+# The layer-wise analysis ---------------------------------------------------------------------------------
+# Each probe per layer, on embedded data (exact masks and depth) or a public layout.
 
 
 def stack_dataset(dataset, indices, desc, keys):
@@ -731,17 +705,15 @@ def probe_classification(visual, cfg, layers, dense_size, device, cache):
     """(top-1 per layer, metric, higher is better, data), as every probe_*: a ridge probe on pooled tokens of
     --imagenet_dir (even items train, odd test) or of the embedded train renderings against held-out val."""
     image_size, batch = cfg.image_size or visual.image_size, max(1, cfg.batch_size // 2)
+    dataset, class_names, indices, description = classification_set(cfg, image_size)  # the test set
     if cfg.imagenet_dir:
-        dataset = data.ClassFolder(cfg.imagenet_dir, image_size=image_size, class_names=cfg.class_names or None)
-        indices = list(first_indices(dataset, cfg.max_images))
-        parts, num_classes = ((dataset, indices[0::2]), (dataset, indices[1::2])), len(dataset.class_names)
-        description = f"class folders {cfg.imagenet_dir}, even/odd split"
+        parts, description = ((dataset, indices[0::2]), (dataset, indices[1::2])), description + ", even/odd split"
     else:
         train_set = data.EmojiImageText("train", cfg.num_classes, cfg.num_probe_train, image_size, seed=cfg.seed)
-        test_set = data.EmojiImageText("val", cfg.num_classes, cfg.num_val, image_size, seed=cfg.seed)
-        parts, num_classes = ((train_set, range(len(train_set))), (test_set, range(len(test_set)))), cfg.num_classes
+        parts = ((train_set, range(len(train_set))), (dataset, indices))
         description = (f"embedded: {cfg.num_classes} classes, {cfg.num_probe_train} train renderings / "
                        f"{cfg.num_val} held-out val renderings per class")
+    num_classes = len(class_names)
     (train_x, train_y), (test_x, test_y) = [stack_dataset(dataset, indices, f"probe images ({split})", (0, 2))
                                             for (dataset, indices), split in zip(parts, ("train", "test"))]
     train_f, test_f = [layer_features(visual, x, batch, cfg.pooling, layers, device, "layer features (probe)")
@@ -824,8 +796,7 @@ def summarize_layers(layers, scores, metric, higher_is_better, description):
 def run_layerwise(model, cfg, device, cache, probes=tuple(PROBES)):
     """Every probe on every layer (every k-th, and the last): {"layers", "tasks": {probe: entry}, ...}."""
     visual = vision_tower(model)
-    layers = list(range(0, visual.layers, max(1, cfg.layer_stride)))  # every k-th block, and always the last
-    layers += [visual.layers - 1] if layers[-1] != visual.layers - 1 else []
+    layers = sorted({*range(0, visual.layers, max(1, cfg.layer_stride)), visual.layers - 1})  # and the last
     image_size = cfg.image_size or visual.image_size
     dense_size = cfg.dense_size or dense_resolution(visual, image_size)
     tasks, seconds = {}, {}
@@ -841,8 +812,8 @@ def run_layerwise(model, cfg, device, cache, probes=tuple(PROBES)):
             "image_size": image_size, "dense_size": dense_size, "tasks": tasks, "seconds": seconds}
 
 
-# ---------------------------------------------------------------------------------------------------------
-# VQA (language alignment, §4): the stage that owns the VLM provides the accuracy function as a plug-in
+# VQA (language alignment, §4) ----------------------------------------------------------------------------
+# The stage that owns the VLM provides the accuracy function as a plug-in.
 
 
 def run_vqa(cfg, device="cpu"):
@@ -853,8 +824,8 @@ def run_vqa(cfg, device="cpu"):
     return {**result, "checkpoint": cfg.vqa_checkpoint}
 
 
-# ---------------------------------------------------------------------------------------------------------
-# Plots, drawn with Pillow (no plotting library): a line per probe, score against layer, best layer ringed.
+# Plots ---------------------------------------------------------------------------------------------------
+# Drawn with Pillow (no plotting library): a line per probe, score against layer, best layer ringed.
 
 COLOURS = [(31, 119, 180), (214, 39, 40), (44, 160, 44), (148, 103, 189), (255, 127, 14), (23, 190, 207),
            (140, 86, 75), (227, 119, 194)]
@@ -875,8 +846,7 @@ def _text(draw, xy, text, font, fill="black", align=(0.0, 0.0)):
 
 def draw_panel(draw, box, x_values, series, title, y_label, y_range=None):
     """A line plot in box (left, top, right, bottom) of series {name: (ys, colour, best index or None)}."""
-    small = _font(12)
-    left, top, right, bottom = box
+    small, (left, top, right, bottom) = _font(12), box
     plot_l, plot_t, plot_r, plot_b = left + 62, top + 30, right - 14, bottom - 44
     values = [v for ys, _, _ in series.values() for v in ys if not math.isnan(v)]
     low, high = y_range or (min(values, default=0.0), max(values, default=1.0))
@@ -963,8 +933,8 @@ def plot_layerwise_tasks(path, tasks):
     return path
 
 
-# ---------------------------------------------------------------------------------------------------------
-# Reports: results.md is paragraphs and training.markdown_table tables, a section per task
+# Reports -------------------------------------------------------------------------------------------------
+# results.md is paragraphs and training.markdown_table tables, a section per task.
 
 TITLES = {"zero_shot": "Zero-shot classification", "robustness": "Robustness (zero-shot on shifted val sets)",
           "retrieval": "Retrieval", "video_zero_shot": "Video zero-shot classification",
@@ -1066,8 +1036,7 @@ def comparison_markdown(runs, meta):
 
 
 def write_results(runs, meta, out_dir):
-    """results.json, results.md and each checkpoint's layer-wise plots into out_dir; returns the paths. One
-    checkpoint: results.json is its results dict (with meta); several: {"checkpoints": [...], "meta"}."""
+    """results.json, results.md and each checkpoint's layer-wise plots into out_dir (see the docstring); paths."""
     os.makedirs(out_dir, exist_ok=True)
     paths = [os.path.join(out_dir, "results.json"), os.path.join(out_dir, "results.md")]
     several = len(runs) > 1
@@ -1075,15 +1044,14 @@ def write_results(runs, meta, out_dir):
     with open(paths[1], "w") as f:
         f.write(comparison_markdown(runs, meta) if several else results_markdown(runs[0]))
     for k, results in enumerate(runs):
-        suffix = f"_{k + 1}" if several else ""
-        if (results.get("layerwise") or {}).get("tasks"):
-            tasks = results["layerwise"]["tasks"]
+        tasks, suffix = (results.get("layerwise") or {}).get("tasks"), f"_{k + 1}" if several else ""
+        if tasks:
             paths.append(plot_layerwise(os.path.join(out_dir, f"layerwise{suffix}.png"), tasks))
             paths.append(plot_layerwise_tasks(os.path.join(out_dir, f"layerwise_tasks{suffix}.png"), tasks))
     return paths
 
 
-# ---------------------------------------------------------------------------------------------------------
+# Running -------------------------------------------------------------------------------------------------
 
 
 def evaluate_checkpoint(cfg, selected, device, command, vqa):
@@ -1120,10 +1088,9 @@ def evaluate_checkpoint(cfg, selected, device, command, vqa):
 
 
 def main(argv=None):
-    cfg = parse_config(EvalConfig(), argv)
-    selected = [task for task in TASKS if getattr(cfg, task)]
-    if cfg.all or not selected:
-        selected = list(TASKS)
+    cfg = parse_config(EvalConfig(), argv, RULES)
+    selected = [task for task in TASKS if getattr(cfg, task) or cfg.all]
+    selected = selected or list(TASKS)
     if cfg.pooling not in ("mean", "cls"):
         raise SystemExit(f"--pooling={cfg.pooling}: expected mean or cls")
     device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available() else
@@ -1136,9 +1103,8 @@ def main(argv=None):
     checkpoints = [""] * len(models) if cfg.random_init else [c for c in cfg.checkpoint.split(",") if c] or [""]
     if len(models) not in (1, len(checkpoints)):
         raise SystemExit(f"--model={cfg.model}: give one name, or one per checkpoint ({len(checkpoints)})")
-    for checkpoint in checkpoints:
-        if checkpoint:
-            resolve_checkpoint(checkpoint)
+    for checkpoint in filter(None, checkpoints):
+        resolve_checkpoint(checkpoint)
     if "vqa" in selected and cfg.vqa_checkpoint:
         load_plugin(cfg.vqa_plugin, "vqa_plugin")
     started, runs, vqa = time.time(), [], None

@@ -420,4 +420,5 @@ def test_several_checkpoints_are_evaluated_in_order_and_compared_side_by_side(tm
         assert f"(layerwise_{k}.png)" in markdown
     assert not (out / "layerwise.png").exists()
     with pytest.raises(SystemExit, match="one per checkpoint"):
-        evaluate.main([f"--checkpoint={paths[0]},{paths[1]}", "--model=a,b,c", "--zero_shot"])
+        evaluate.main([f"--checkpoint={paths[0]},{paths[1]}", "--model=" + ",".join(["PE-Core-Nano8-64"] * 3),
+                      "--zero_shot"])

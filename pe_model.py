@@ -99,6 +99,7 @@ VISION_CONFIGS = {
     # The stage scripts' defaults, trained on a CPU in minutes: the released architecture, narrower and shallower
     "PE-Core-Nano8-64": _core(8, 64, 128, 6, 4, 128),
     "PE-Core-Micro8-64": _core(8, 64, 192, 8, 6, 256),
+    "PE-Core-NanoDeep8-64": _core(8, 64, 128, 12, 4, 128),  # Nano at twice the depth: the layer analysis of §3
 }
 TEXT_CONFIGS = {
     "PE-Core-T16-384": PETextConfig(32, 512, 8, 12, 512),
@@ -108,6 +109,7 @@ TEXT_CONFIGS = {
     "PE-Core-G14-448": PETextConfig(72, 1280, 20, 24, 1280),
     "PE-Core-Nano8-64": PETextConfig(32, 128, 4, 4, 128),
     "PE-Core-Micro8-64": PETextConfig(32, 192, 6, 6, 256),
+    "PE-Core-NanoDeep8-64": PETextConfig(32, 128, 4, 4, 128),
 }
 INIT_LOGIT_SCALE = math.log(1 / 0.07)
 
@@ -456,6 +458,8 @@ class VisionTransformer(nn.Module):
         """The RoPE angles (N, head_dim) of a grid, built on `device` once and reused by every block and forward;
         a plain dict, not in the state_dict, of at most 16 grids (an evaluation sweep: the oldest goes)."""
         key = (grid_h, grid_w, self.width // self.heads, self.use_cls_token, torch.device(device))
+        if torch.compiler.is_compiling() or torch.compiler.is_exporting():  # a traced table must not outlive its trace
+            return rope_angles_2d(*key[:4], device=key[4])
         tables = self.__dict__.setdefault("_rope_tables", {})
         if key not in tables:
             if len(tables) >= 16:

@@ -1,17 +1,15 @@
-"""
-data.py: the data every stage reads; nothing is downloaded.
+"""data.py: the data every stage reads; nothing is downloaded.
 
     train = data.EmojiImageText("train", num_classes=100, images_per_class=50, canvas_size=64,
                                 transform=data.make_train_transform(64, data.AugmentConfig()))
     loader = torch.utils.data.DataLoader(train, batch_size=256, collate_fn=data.collate_image_text)
     images, tokens = next(iter(loader))                      # (B, 3, 64, 64) in [-1, 1], (B, 32) token ids
 
-Sections: 0. seeds and bad samples; 1. the embedded default (OpenMoji emoji named by Unicode, CC BY-SA 4.0);
-2. the augmentation of PE core pretraining (§2.1, Tab. 18); 3. readers: tar shards (`TarShards`) and one
-map-style reader (`Records`) of caption files, COCO, class folders, video lists, ADE20K, NYU depth and DAVIS;
-4. composed scenes and videos with exact labels; 5. video files with PyAV, imported there only. Item i's random
-choices come from a generator seeded from (seed, epoch, i): the same in any loader worker, and a resumed run
-reproduces the uninterrupted one. Bad data is skipped and counted by reason (`BadSamples`), never a crash.
+Sections: 0. seeds, bad samples (skipped and counted by reason, never a crash) and the one map-style reader
+(`Records`); 1. the embedded default (OpenMoji emoji named by Unicode, CC BY-SA 4.0); 2. augmentation (§2.1,
+Tab. 18); 3. readers of tar shards, caption files, COCO, class folders, video lists, ADE20K, NYU depth, DAVIS;
+4. composed scenes and videos with exact labels; 5. video files (PyAV, imported there only). Item i's randomness
+is seeded from (seed, epoch, i): the same in any loader worker, and a resumed run reproduces the uninterrupted one.
 """
 
 from __future__ import annotations
@@ -46,15 +44,16 @@ logger = logging.getLogger("data")
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
 VIDEO_EXTENSIONS = ("mp4", "webm", "mkv", "avi", "mov")
+_IMAGE_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)  # what a bad image file raises
+_ENCODERS = {".mp4": ("libx264", "mpeg4"), ".webm": ("libvpx-vp9", "libvpx")}  # write_video: the first FFmpeg has
 
 # ---------------------------------------------------------------------------------------------------------
-# 0. Seeds and bad-sample accounting
+# 0. Seeds, bad-sample accounting and the map-style reader
 
 
 def seed_for(*keys) -> int:
     """A 63-bit seed from `keys` (ints, strings), the same in every process (unlike hash() of a str: it is salted)."""
-    digest = hashlib.blake2b(repr(keys).encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little") >> 1
+    return int.from_bytes(hashlib.blake2b(repr(keys).encode(), digest_size=8).digest(), "little") >> 1
 
 
 def item_generator(*keys) -> torch.Generator:
@@ -76,17 +75,14 @@ def _choice(generator, options):
 
 
 def _rank_and_world_size(rank=None, world_size=None):
-    if rank is not None and world_size is not None:
-        return rank, world_size
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
+    if rank is None and torch.distributed.is_available() and torch.distributed.is_initialized():
         return torch.distributed.get_rank(), torch.distributed.get_world_size()
-    return 0, 1
+    return (0, 1) if rank is None else (rank, world_size)
 
 
 class BadSamples:
-    """Skipped samples by reason ("bad_image", "missing_caption", ...) as distinct keys, in total and per epoch: a
-    sample skipped again (by another worker, a resumed run) counts once. Each process counts its own; with
-    report_dir, each new (reason, key, epoch) goes to report_dir/{name}.r{rank}.w{worker}.p{pid}.jsonl."""
+    """Skipped samples by reason ("bad_image", ...), a key counted once in total and per epoch; with report_dir, each
+    new (reason, key, epoch) goes to report_dir/{name}.r{rank}.w{worker}.p{pid}.jsonl, merged by collect()."""
 
     def __init__(self, name="data", max_keys=5, report_dir=None):
         self.name, self.max_keys, self.report_dir = name, max_keys, report_dir
@@ -138,8 +134,8 @@ class BadSamples:
             return f"{self.name}: no bad samples"
         epochs = ", ".join(f"epoch {epoch} {count}" for epoch, count in self.per_epoch().items())
         parts = [f"{reason} {n} (e.g. {', '.join(self.keys[reason])})" for reason, n in sorted(self.counts.items())]
-        return (f"{self.name}: skipped {self.total()} distinct bad samples" + (f" ({epochs})" if epochs else "")
-                + ": " + "; ".join(parts))
+        epochs = f" ({epochs})" if epochs else ""
+        return f"{self.name}: skipped {self.total()} distinct bad samples{epochs}: " + "; ".join(parts)
 
     @classmethod
     def collect(cls, report_dir: str, name: str = "data", max_keys: int = 5) -> "BadSamples":
@@ -180,9 +176,6 @@ class Skip(Exception):
     """A bad sample: raised with (reason, key, detail), counted by the reader that catches it."""
 
 
-_IMAGE_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
-
-
 @contextlib.contextmanager
 def skip_on(reason: str, key, errors=_IMAGE_ERRORS):
     """Turn `errors` raised inside the block into Skip(reason, key, the error's message)."""
@@ -192,6 +185,55 @@ def skip_on(reason: str, key, errors=_IMAGE_ERRORS):
         raise Skip(reason, key, str(error)) from error
 
 
+class Records(torch.utils.data.Dataset):
+    """The map-style reader of every dataset here: item i = self.load(self.records[i], item_generator(seed, self.tag,
+    epoch if self.epochs, i)), None if load raised Skip (counted in self.bad). The default load: (path, key, caption
+    or [captions], target) -> (read_media(path), a caption (per epoch with train, else the first), target)."""
+
+    tag, media, train, epochs = "records", "image", True, True
+
+    def __init__(self, transform=None, image_size=224, seed=0, epoch=0, bad_report_dir=None, num_frames=8):
+        self.transform = transform or make_eval_transform(image_size)
+        self.image_size, self.seed, self.epoch, self.num_frames = image_size, seed, epoch, num_frames
+        self.bad = BadSamples(type(self).__name__, report_dir=bad_report_dir)
+        self.records = []
+
+    def __len__(self):
+        return len(self.records)
+
+    def set_epoch(self, epoch: int):
+        self.epoch = epoch
+
+    def __getitem__(self, index):
+        keys = (self.tag, self.epoch, index) if self.epochs else (self.tag, index)
+        try:
+            return self.load(self.records[index], item_generator(self.seed, *keys))
+        except Skip as skip:
+            self.bad.add(*skip.args, epoch=self.epoch)
+            return None
+
+    def load(self, record, generator):
+        path, key, caption, target = record
+        if not isinstance(caption, str):
+            caption = caption[_randint(generator, 0, len(caption))] if self.train else caption[0]
+        return read_media(self, path, key, generator), caption, target
+
+    def _pair(self, images, others, missing, error):
+        """records = (image, label file) pairs by file stem; an image without one is counted as `missing`."""
+        self.records = [(path, others[stem]) for stem, path in images.items() if stem in others]
+        for stem in [stem for stem in images if stem not in others]:
+            self.bad.add(missing, stem)
+        if not self.records:
+            raise ValueError(error)
+
+    def _caption(self, caption, where) -> str | None:
+        """caption stripped ("" if missing), or None if it is not text (a number or a list), counted as bad_caption."""
+        if caption is None or isinstance(caption, str):
+            return (caption or "").strip()
+        self.bad.add("bad_caption", where, f"not text: {caption!r:.40}")
+        return None
+
+
 # ---------------------------------------------------------------------------------------------------------
 # 1. Embedded default: OpenMoji artwork named by Unicode
 
@@ -199,16 +241,16 @@ OPENMOJI_FONT = os.path.join(os.path.dirname(os.path.abspath(__import__("openmoj
                              "openmoji", "font", "glyf_colr0.ttf")
 NOTO_FONT = "/usr/share/fonts/truetype/noto/NotoColorEmoji.ttf"
 NOTO_FONT_SIZE = 109  # the only size at which Pillow renders Noto's CBDT bitmaps
+_font = functools.lru_cache(maxsize=64)(ImageFont.truetype)  # (path, size) -> the font
+BACKGROUNDS = ("plain", "gradient", "smooth_noise", "pixel_noise", "stripes", "shapes")  # random_background's kinds
 
 # Caption templates ({a}: the name with its article, "a dog face"), varied so the model learns the name, not a sentence.
 CAPTION_TEMPLATES = ["an emoji of {a}.", "a drawing of {a}", "{name} icon", "a picture of {a}.", "{a} emoji",
                      "an illustration of {a}.", "a cartoon of {a}", "clip art of {a}.",
                      "{a} on a colourful background.", "a small sticker of {a}", "{name}", "the {name} symbol."]
-
 # The zero-shot prompt ensemble (pe_model.zero_shot_classifier); overlaps the captions in part, as CLIP's do.
 ZERO_SHOT_TEMPLATES = ["an emoji of {a}.", "a drawing of {a}", "{name} icon", "a picture of {a}.",
                        "a rendering of {a}.", "an icon showing {a}.", "a photo of {a}.", "a sketch of the {name}."]
-
 # Emoji components, not pictures: flag letters, skin-tone swatches, hair components, tags and joiners.
 _EXCLUDED_NAME_PREFIXES = ("regional indicator", "emoji modifier", "emoji component", "tag ", "variation selector",
                            "combining", "zero width", "cancel tag")
@@ -221,8 +263,7 @@ def with_article(name: str) -> str:
 
 @functools.lru_cache(maxsize=None)
 def font_code_points(path: str) -> frozenset:
-    """The code points a TrueType font maps to a glyph (its 'cmap' format-12 subtables, which emoji fonts carry
-    for the code points above U+FFFF): Pillow draws a placeholder box for a missing glyph, so drawing cannot tell."""
+    """The code points a TrueType font's format-12 cmap maps (drawing cannot tell: Pillow draws a box for no glyph)."""
     with open(path, "rb") as f:
         font = f.read()
     tables = (struct.unpack_from(">4sII", font, 12 + 16 * i) for i in range(struct.unpack_from(">H", font, 4)[0]))
@@ -240,9 +281,6 @@ def noto_available() -> bool:
     return os.path.exists(NOTO_FONT)
 
 
-_font = functools.lru_cache(maxsize=64)(ImageFont.truetype)  # (path, size) -> the font
-
-
 def _draw_glyph(glyph: str, path: str, font_size: int) -> Image.Image:
     """The glyph drawn in colour, cropped to its visible pixels (RGBA); empty (0x0) if nothing is drawn."""
     canvas = Image.new("RGBA", (font_size * 3, font_size * 3), (0, 0, 0, 0))
@@ -253,22 +291,19 @@ def _draw_glyph(glyph: str, path: str, font_size: int) -> Image.Image:
 
 @functools.lru_cache(maxsize=8192)
 def render_glyph(glyph: str, size: int, style: str = "openmoji") -> Image.Image:
-    """An emoji as a size x size RGBA image, its visible pixels scaled to fit and centred; style "openmoji" or
-    "noto" (the Debian font). Cached: the image is shared, copy it before drawing on it."""
+    """An emoji ("openmoji", or Debian's "noto") fit and centred in a size x size RGBA image; cached: copy to draw."""
     if style == "openmoji":
         drawn = _draw_glyph(glyph, OPENMOJI_FONT, max(16, int(size * 1.25)))  # a little larger, then shrink
     elif noto_available():
         drawn = _draw_glyph(glyph, NOTO_FONT, NOTO_FONT_SIZE)
     else:
-        raise FileNotFoundError(f"Noto Color Emoji not found at {NOTO_FONT}: install the Debian package "
-                                "fonts-noto-color-emoji, or use style='openmoji'")
+        raise FileNotFoundError(f"{NOTO_FONT} not found: install fonts-noto-color-emoji or use style='openmoji'")
     out = Image.new("RGBA", (size, size), (0, 0, 0, 0))
     if drawn.width == 0:
         return out
     scale = size / max(drawn.width, drawn.height)
     width, height = max(1, round(drawn.width * scale)), max(1, round(drawn.height * scale))
-    drawn = drawn.resize((width, height), Image.LANCZOS)
-    out.paste(drawn, ((size - width) // 2, (size - height) // 2))
+    out.paste(drawn.resize((width, height), Image.LANCZOS), ((size - width) // 2, (size - height) // 2))
     return out
 
 
@@ -282,8 +317,7 @@ def _all_emoji_classes() -> tuple:
 
 
 def emoji_classes(max_classes: int | None = None, seed: int = 0) -> list[tuple[str, str]]:
-    """[(glyph, name)] of the OpenMoji emoji, named by unicodedata in lower case ("dog face"). With max_classes, one
-    seeded pick from each of max_classes equal strata: Unicode orders emoji by topic, so the subset spans them all."""
+    """[(glyph, unicodedata name)] of the OpenMoji emoji; max_classes: a seeded pick per equal stratum (topic order)."""
     classes = _all_emoji_classes()
     if max_classes is None or max_classes >= len(classes):
         return list(classes)
@@ -307,12 +341,8 @@ def emoji_class_subset(num_classes: int, pool: int) -> list[tuple[str, str]]:
     return [classes[k * len(classes) // num_classes] for k in range(num_classes)]
 
 
-BACKGROUNDS = ("plain", "gradient", "smooth_noise", "pixel_noise", "stripes", "shapes")
-
-
 def random_background(size: int, generator: torch.Generator) -> Image.Image:
-    """An RGB size x size background of a random kind (BACKGROUNDS), so the model cannot read the class off the
-    background. Arithmetic in numpy: torch's per-op overhead dominates on images this small."""
+    """A background of a random kind (BACKGROUNDS), so the class cannot be read off it (numpy: faster this small)."""
     kind = _choice(generator, BACKGROUNDS)
     colour_a, colour_b = (torch.rand(3, 1, 1, generator=generator).numpy() for _ in range(2))
     coords = (np.arange(size, dtype=np.float32) + 0.5) / size
@@ -329,8 +359,7 @@ def random_background(size: int, generator: torch.Generator) -> Image.Image:
         cells = (torch.rand(grid, grid, 3, generator=generator).numpy() * 255).astype(np.uint8)
         return Image.fromarray(cells, "RGB").resize((size, size), Image.BICUBIC)
     elif kind == "pixel_noise":
-        sigma = _uniform(generator, 0.05, 0.25)
-        image = colour_a + sigma * torch.randn(3, size, size, generator=generator).numpy()
+        image = colour_a + _uniform(generator, 0.05, 0.25) * torch.randn(3, size, size, generator=generator).numpy()
     elif kind == "stripes":
         period = _uniform(generator, 0.05, 0.35)
         phase = np.floor(along / period)
@@ -351,11 +380,9 @@ def random_background(size: int, generator: torch.Generator) -> Image.Image:
     return Image.fromarray(np.ascontiguousarray(pixels), "RGB")
 
 
-def paste_glyph(canvas: Image.Image, glyph: Image.Image, center: tuple[float, float], size: int,
-                angle: float = 0.0, binary_alpha: bool = False) -> np.ndarray:
-    """Paste an RGBA glyph onto the RGB canvas in place, at size x size turned `angle` degrees counter-clockwise,
-    centred at (x, y) pixels -> the (H, W) bool mask it covers (alpha >= 128); binary_alpha pastes with that mask,
-    so image and mask agree exactly (dense labels)."""
+def paste_glyph(canvas: Image.Image, glyph: Image.Image, center, size: int, angle=0.0, binary_alpha=False):
+    """Paste a glyph onto the canvas at size x size, turned `angle` degrees counter-clockwise, centred at (x, y) -> the
+    (H, W) bool mask it covers (alpha >= 128); binary_alpha pastes with that mask, so image and labels agree."""
     patch = glyph if glyph.size == (size, size) else glyph.resize((size, size), Image.BILINEAR)
     if angle:
         patch = patch.rotate(angle, resample=Image.BILINEAR, expand=True)
@@ -368,51 +395,38 @@ def paste_glyph(canvas: Image.Image, glyph: Image.Image, center: tuple[float, fl
     return np.asarray(mask) > 0
 
 
-class EmojiImageText(torch.utils.data.Dataset):
-    """The embedded image-caption set: item i is emoji class i % num_classes at a random size (35-85% of the
-    canvas), position and rotation (+-25 degrees) over a random background -> (transform(image, generator),
-    caption, label); train renders afresh every epoch, val is fixed. Noto lacks a few glyphs (missing_classes)."""
+class EmojiImageText(Records):
+    """Item i: emoji class i % num_classes at a random size (35-85% of the canvas), position and rotation (+-25
+    degrees) on a random background -> (transform(image, generator), caption, label); Noto lacks missing_classes."""
 
     def __init__(self, split="train", num_classes=100, images_per_class=50, canvas_size=64, seed=0,
                  style="openmoji", transform=None, epoch=0, class_pool=None):
         if split not in ("train", "val"):
             raise ValueError(f"EmojiImageText: split must be 'train' or 'val', got {split!r}")
+        super().__init__(transform, canvas_size, seed, epoch)
         self.classes = emoji_class_subset(num_classes, class_pool) if class_pool else emoji_classes(num_classes)
         if len(self.classes) < num_classes:
-            raise ValueError(f"EmojiImageText: num_classes={num_classes} but the OpenMoji font has only "
-                             f"{len(self.classes)} named single-code-point emoji")
+            raise ValueError(f"EmojiImageText: num_classes={num_classes}; OpenMoji has {len(self.classes)} named emoji")
         if style == "noto":
             render_glyph(self.classes[0][0], 8, "noto")  # the clear error where the font is not installed
-        code_points = font_code_points(NOTO_FONT) if style == "noto" else None
-        self.missing_classes = [label for label, (glyph, _) in enumerate(self.classes)  # only ever for "noto"
-                                if code_points is not None and ord(glyph) not in code_points]
+        code_points = font_code_points(NOTO_FONT) if style == "noto" else range(0x110000)  # OpenMoji: all of them
+        self.missing_classes = [label for label, (glyph, _) in enumerate(self.classes) if ord(glyph) not in code_points]
         self.class_names, self.glyphs = [name for _, name in self.classes], [glyph for glyph, _ in self.classes]
         self.split, self.num_classes, self.images_per_class = split, num_classes, images_per_class
-        self.canvas_size, self.seed, self.style, self.epoch = canvas_size, seed, style, epoch
-        self.transform = transform or make_eval_transform(canvas_size)
-
-    def __len__(self):
-        return self.num_classes * self.images_per_class
-
-    def set_epoch(self, epoch: int):
-        self.epoch = epoch
+        self.canvas_size, self.style, self.records = canvas_size, style, range(num_classes * images_per_class)
+        self.tag, self.epochs = f"emoji-{split}", split == "train"  # train renders afresh every epoch, val is fixed
 
     def present_indices(self) -> list[int]:
         """The items whose class the font has (all of them for OpenMoji)."""
         return [i for i in range(len(self)) if i % self.num_classes not in self.missing_classes]
 
-    def __getitem__(self, index):
+    def load(self, index, generator):  # one stream: rendering, then caption, then augmentation
         label = index % self.num_classes
         if label in self.missing_classes:
-            raise ValueError(f"EmojiImageText: {NOTO_FONT} has no glyph for class {label} "
-                             f"({self.class_names[label]!r}); use present_indices()")
-        # one stream: rendering, then caption, then augmentation
-        generator = (item_generator(self.seed, "emoji-train", self.epoch, index) if self.split == "train"
-                     else item_generator(self.seed, "emoji-val", index))
-        size = self.canvas_size
-        image = random_background(size, generator)
-        glyph_size = max(4, round(size * _uniform(generator, 0.35, 0.85)))
-        angle = _uniform(generator, -25, 25)
+            raise ValueError(f"EmojiImageText: Noto has no glyph for class {label} ({self.class_names[label]!r}); "
+                             "use present_indices()")
+        size, image = self.canvas_size, random_background(self.canvas_size, generator)
+        glyph_size, angle = max(4, round(size * _uniform(generator, 0.35, 0.85))), _uniform(generator, -25, 25)
         margin = glyph_size * 0.3  # up to ~20% of the glyph may leave the canvas
         center = (_uniform(generator, margin, size - margin), _uniform(generator, margin, size - margin))
         paste_glyph(image, render_glyph(self.glyphs[label], size, self.style), center, glyph_size, angle)
@@ -421,9 +435,8 @@ class EmojiImageText(torch.utils.data.Dataset):
 
 
 # ---------------------------------------------------------------------------------------------------------
-# 2. Augmentation (§2.1, "tuned data augmentation", with Tab. 18's magnitudes; Tab. 19 uses the same for video):
-# random resized crop s(0.08, 1) with aspect ar(0.75, 1.33), colour jitter j(0.32, 0, 0.32, 0) (brightness and
-# saturation only), flip p = 0.5. The trainer changes resolution between steps by resizing the batch.
+# 2. Augmentation (§2.1 "tuned data augmentation", Tab. 18; Tab. 19 the same for video): random resized crop
+# s(0.08, 1) with aspect ar(0.75, 1.33), colour jitter j(0.32, 0, 0.32, 0) (brightness, saturation), flip p = 0.5.
 
 
 @dataclass
@@ -436,8 +449,7 @@ class AugmentConfig:
 
 
 def random_resized_crop_box(width, height, scale, ratio, generator) -> tuple[int, int, int, int]:
-    """(left, top, right, bottom) of a random crop of area fraction in `scale`, aspect ratio in `ratio` (log-uniform);
-    after 10 failed tries, the largest centred crop with the ratio clamped into range."""
+    """(left, top, right, bottom) of a random crop (area in scale, log-uniform ratio); centred after 10 misses."""
     log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
     for _ in range(10):
         target_area = width * height * _uniform(generator, scale[0], scale[1])
@@ -454,8 +466,7 @@ def random_resized_crop_box(width, height, scale, ratio, generator) -> tuple[int
 
 
 def train_augment(image: Image.Image, size: int, generator: torch.Generator, cfg: AugmentConfig) -> torch.Tensor:
-    """PIL image -> (3, size, size) in [-1, 1]: random resized crop, the official preprocessing (squash, bilinear),
-    flip, brightness then saturation jitter. With all of them off it equals pe_model.preprocess_image."""
+    """PIL image -> (3, size, size) in [-1, 1]: random resized crop, preprocess_image, flip, brightness, saturation."""
     image = image.convert("RGB")
     if tuple(cfg.crop_scale) != (1.0, 1.0):
         image = image.crop(random_resized_crop_box(*image.size, cfg.crop_scale, cfg.crop_ratio, generator))
@@ -494,8 +505,7 @@ _WIDE_MODES = {"I": 65535, "I;16": 65535, "I;16L": 65535, "I;16B": 65535, "I;16N
 
 
 def collate_image_text(batch, context_length: int = 32, return_labels: bool = False):
-    """[(image or (T, 3, H, W) clip, caption, label or key)] -> (images, tokens (B, context_length)[, labels]).
-    None items (bad samples, counted by their dataset) are dropped; a batch of none gives None (skipped)."""
+    """[(image or clip, caption, label or key)] -> (images, tokens[, labels]); None items (bad samples) are dropped."""
     items = [item for item in batch if item is not None]
     if not items:
         return None
@@ -505,9 +515,8 @@ def collate_image_text(batch, context_length: int = 32, return_labels: bool = Fa
 
 
 def load_image(data: bytes | str, side: int | None = None) -> Image.Image:
-    """An image (bytes or a path) decoded now (Pillow's lazy open would fail later, in a training step), upright
-    (its EXIF orientation applied) and in RGB, 16-bit and float greys scaled to 8 bits rather than clipped. side:
-    a JPEG is decoded at the smallest scale (1/2, 1/4, 1/8) that keeps its shorter side >= side."""
+    """An image (bytes or a path) decoded now, not lazily in a training step, upright (EXIF), RGB, wide greys scaled
+    to 8 bits; side: a JPEG decodes at the smallest scale (1/2, 1/4, 1/8) keeping its shorter side >= side."""
     image = Image.open(io.BytesIO(data) if isinstance(data, (bytes, bytearray)) else data)
     if side and min(image.size) >= 2 * side:
         image.draft(None, (side, side))  # a no-op for formats that cannot decode smaller
@@ -522,8 +531,7 @@ def load_image(data: bytes | str, side: int | None = None) -> Image.Image:
 
 
 def _decode_side(transform) -> int | None:
-    """The shorter image side a transform of make_train/eval_transform needs: its size over the side fraction of
-    its smallest random crop (Tab. 18's s(0.08, 1) spans 0.28 of each side); None for another transform."""
+    """The shorter side a make_*_transform needs: its size over its smallest crop's side (Tab. 18's s(0.08): 0.28)."""
     keywords = getattr(transform, "keywords", {})
     if not isinstance(keywords.get("size"), int):
         return None
@@ -531,12 +539,11 @@ def _decode_side(transform) -> int | None:
 
 
 def read_media(reader, source, key, generator) -> torch.Tensor:
-    """reader.transform(image, generator) of the image at source (a path or bytes), or with reader.media "video" of
-    reader.num_frames frames of the video there, each from the same generator state (one crop, flip and jitter for
-    the clip) -> (T, 3, S, S); Skip("bad_image" / "bad_video", key) if it cannot be read."""
+    """reader.transform(image, generator) of the image at source (path or bytes), or of each of reader.num_frames
+    frames of a video (media "video"), all from one generator state; Skip("bad_image" / "bad_video", key)."""
     if reader.media == "image":
         with skip_on("bad_image", key):
-            image = load_image(source, reader.decode_side)
+            image = load_image(source, _decode_side(reader.transform))  # decoded no larger than the transform needs
         return reader.transform(image, generator)
     with skip_on("bad_video", key, VideoError):
         video = read_video(io.BytesIO(source) if isinstance(source, bytes) else source, reader.num_frames, name=key)
@@ -577,17 +584,13 @@ def expand_braces(pattern: str) -> list[str]:
 class TarShards(torch.utils.data.IterableDataset):
     """webdataset / img2dataset tar shards of {key}.jpg|jpeg|png|webp (media "video": .mp4|webm|mkv|avi|mov) +
     {key}.txt [+ {key}.json] -> (image (3,S,S) or clip (T,3,S,S), caption, key[, parsed json with with_meta]).
-    urls: a brace pattern, a directory (its *.tar) or a list of either. The shards, shuffled per epoch alike on every
-    rank, are dealt round-robin to ranks x loader workers; shuffle_buffer > 1 shuffles samples in a buffer that big.
-    Augmentation is seeded from (seed, epoch, shard, key). Bad data is counted in self.bad: missing/empty_shard,
-    malformed_tar, not_a_file (links), missing_image/video, missing/bad_caption, bad_image/video, bad_json."""
+    urls: a brace pattern, a directory or a list; shards are shuffled per epoch, dealt to ranks x workers. self.bad:
+    missing/empty_shard, malformed_tar, not_a_file, missing_image/video, missing/bad_caption, bad_image/video/json."""
 
-    def __init__(self, urls, transform=None, image_size=224, shuffle_buffer=0, seed=0, rank=None,
-                 world_size=None, epoch=0, shuffle_shards=True, media="image", num_frames=8, with_meta=False,
-                 bad_report_dir=None):
-        self.shards = []
-        for url in [urls] if isinstance(urls, str) else list(urls):
-            self.shards += sorted(glob.glob(os.path.join(url, "*.tar"))) if os.path.isdir(url) else expand_braces(url)
+    def __init__(self, urls, transform=None, image_size=224, shuffle_buffer=0, seed=0, rank=None, world_size=None,
+                 epoch=0, shuffle_shards=True, media="image", num_frames=8, with_meta=False, bad_report_dir=None):
+        self.shards = [shard for url in ([urls] if isinstance(urls, str) else urls) for shard in
+                       (sorted(glob.glob(os.path.join(url, "*.tar"))) if os.path.isdir(url) else expand_braces(url))]
         if not self.shards:
             raise ValueError(f"TarShards: no shards in {urls!r}")
         if media not in ("image", "video"):
@@ -597,8 +600,7 @@ class TarShards(torch.utils.data.IterableDataset):
         self.transform = transform or make_eval_transform(image_size)
         self.shuffle_buffer, self.seed, self.rank, self.world_size = shuffle_buffer, seed, rank, world_size
         self.epoch, self.shuffle_shards, self.media, self.num_frames = epoch, shuffle_shards, media, num_frames
-        self.with_meta = with_meta
-        self.bad, self.decode_side = BadSamples("TarShards", report_dir=bad_report_dir), _decode_side(self.transform)
+        self.with_meta, self.bad = with_meta, BadSamples("TarShards", report_dir=bad_report_dir)
 
     def set_epoch(self, epoch: int):
         self.epoch = epoch
@@ -617,8 +619,7 @@ class TarShards(torch.utils.data.IterableDataset):
         return order[rank * num_workers + worker_id::readers]
 
     def read_shard(self, shard: str):
-        """(key, {extension: bytes}) of each sample of a shard; webdataset keys: "d/0001.seg.jpg" is key "d/0001",
-        extension "seg.jpg". A sample's files must be adjacent in the tar, as webdataset writes them."""
+        """(key, {extension: bytes}) of each complete sample before any damage ("d/1.seg.jpg": "d/1", "seg.jpg")."""
         name = os.path.basename(shard)
         if not os.path.exists(shard) or os.path.getsize(shard) == 0:
             self.bad.add("missing_shard" if not os.path.exists(shard) else "empty_shard", name, epoch=self.epoch)
@@ -638,8 +639,8 @@ class TarShards(torch.utils.data.IterableDataset):
                         if key is not None:
                             yield key, files
                         if member_key in seen and None not in seen:  # e.g. `tar cf x.tar *.jpg *.txt`; warn once
-                            logger.warning("TarShards: %s: the files of sample %s are not adjacent, so its samples are "
-                                           "read in parts; write each sample's files together (tar cf %s $(ls | sort))",
+                            logger.warning("TarShards: %s: sample %s's files are not adjacent, so its samples are read "
+                                           "in parts; write them together (tar cf %s $(ls | sort))",
                                            shard, member_key, name)
                             seen.add(None)
                         key, files = member_key, {}
@@ -649,8 +650,7 @@ class TarShards(torch.utils.data.IterableDataset):
                     cut = False
                 # a file cut at a member boundary ends without the closing zero blocks, which tarfile accepts
                 tar.fileobj.seek(tar.offset)
-                end = tar.fileobj.read(512)
-                if len(end) < 512 or any(end):
+                if len(end := tar.fileobj.read(512)) < 512 or any(end):
                     raise tarfile.ReadError("no end-of-archive marker (truncated?)")
         except (tarfile.TarError, EOFError, OSError, ValueError, zlib.error) as error:
             self.bad.add("malformed_tar", name, f"{error}{f'; sample {key} cut, dropped' if cut else ''}", self.epoch)
@@ -672,13 +672,12 @@ class TarShards(torch.utils.data.IterableDataset):
             caption = files.get("txt", b"").decode("utf-8").strip()
         if not caption:
             raise Skip("missing_caption", label)
-        meta = None
+        meta = ()  # with_meta: (the parsed json,)
         if self.with_meta:
             with skip_on("bad_json", label, (ValueError, UnicodeDecodeError)):
-                meta = json.loads(files["json"]) if "json" in files else {}
-        pixels = read_media(self, files[extension], label,
-                            item_generator(self.seed, "tar", self.epoch, os.path.basename(shard), key))
-        return (pixels, caption, key, meta) if self.with_meta else (pixels, caption, key)
+                meta = (json.loads(files["json"]) if "json" in files else {},)
+        generator = item_generator(self.seed, "tar", self.epoch, os.path.basename(shard), key)
+        return (read_media(self, files[extension], label, generator), caption, key, *meta)
 
     def __iter__(self):
         info = torch.utils.data.get_worker_info()
@@ -689,23 +688,22 @@ class TarShards(torch.utils.data.IterableDataset):
         for shard in self.reader_shards(worker_id, num_workers):
             for key, files in self.read_shard(shard):
                 buffer.append((shard, key, files))
-                if len(buffer) >= max(1, self.shuffle_buffer):
-                    yield from self._decode_one(buffer, shuffle)
-        while buffer:
-            yield from self._decode_one(buffer, shuffle)
+                yield from self._drain(buffer, shuffle, keep=max(1, self.shuffle_buffer) - 1)
+        yield from self._drain(buffer, shuffle, keep=0)
         if self.bad.total():
             logger.warning("%s (rank %d, worker %s, epoch %d)", self.bad.report(), rank,
-                           info.id if info is not None else "main", self.epoch)
+                           info.id if info else "main", self.epoch)
 
-    def _decode_one(self, buffer, shuffle):
-        """Decode a random sample of the buffer (the last one without a shuffle buffer): yields it, or nothing."""
-        if self.shuffle_buffer > 1:
-            i = _randint(shuffle, 0, len(buffer))
-            buffer[i], buffer[-1] = buffer[-1], buffer[i]
-        try:
-            yield self.decode(*buffer.pop())
-        except Skip as skip:
-            self.bad.add(*skip.args, epoch=self.epoch)
+    def _drain(self, buffer, shuffle, keep):
+        """Decode random samples of the buffer (the only one without a shuffle buffer) until `keep` are left."""
+        while len(buffer) > keep:
+            if self.shuffle_buffer > 1:
+                i = _randint(shuffle, 0, len(buffer))
+                buffer[i], buffer[-1] = buffer[-1], buffer[i]
+            try:
+                yield self.decode(*buffer.pop())
+            except Skip as skip:
+                self.bad.add(*skip.args, epoch=self.epoch)
 
 
 def _read_text(path: str) -> str:
@@ -716,48 +714,7 @@ def _read_text(path: str) -> str:
         return raw.decode("utf-8-sig")
     except UnicodeDecodeError as error:
         line = raw[: error.start].count(b"\n") + 1
-        raise ValueError(f"{path}:{line}: not UTF-8 text ({error.reason} at byte {error.start}); save it as "
-                         "UTF-8") from None
-
-
-class Records(torch.utils.data.Dataset):
-    """The map-style reader of every file layout: item i = self.load(self.records[i], item_generator(seed, self.tag,
-    epoch, i)), None if bad (load raised Skip; counted in self.bad). The default load takes (path, key, caption or
-    [captions], target) -> (read_media(path), the caption (one per epoch with train, else the first), target)."""
-
-    tag, media, train = "records", "image", True
-
-    def __init__(self, transform=None, image_size=224, seed=0, epoch=0, bad_report_dir=None, num_frames=8):
-        self.transform = transform or make_eval_transform(image_size)
-        self.image_size, self.seed, self.epoch, self.num_frames = image_size, seed, epoch, num_frames
-        self.bad = BadSamples(type(self).__name__, report_dir=bad_report_dir)
-        self.records, self.decode_side = [], _decode_side(self.transform)
-
-    def __len__(self):
-        return len(self.records)
-
-    def set_epoch(self, epoch: int):
-        self.epoch = epoch
-
-    def __getitem__(self, index):
-        try:
-            return self.load(self.records[index], item_generator(self.seed, self.tag, self.epoch, index))
-        except Skip as skip:
-            self.bad.add(*skip.args, epoch=self.epoch)
-            return None
-
-    def load(self, record, generator):
-        path, key, caption, target = record
-        if not isinstance(caption, str):
-            caption = caption[_randint(generator, 0, len(caption))] if self.train else caption[0]
-        return read_media(self, path, key, generator), caption, target
-
-    def _caption(self, caption, where) -> str | None:
-        """caption stripped ("" if missing), or None if it is not text (a number or a list), counted as bad_caption."""
-        if caption is None or isinstance(caption, str):
-            return (caption or "").strip()
-        self.bad.add("bad_caption", where, f"not text: {caption!r:.40}")
-        return None
+        raise ValueError(f"{path}:{line}: not UTF-8 ({error.reason} at byte {error.start}); save as UTF-8") from None
 
 
 class CaptionFile(Records):
@@ -770,8 +727,7 @@ class CaptionFile(Records):
                  bad_report_dir=None):
         super().__init__(transform, image_size, seed, epoch, bad_report_dir)
         image_root = image_root if image_root is not None else os.path.dirname(os.path.abspath(captions_path))
-        file_name, rows = os.path.basename(captions_path), []
-        text = io.StringIO(_read_text(captions_path), newline="")
+        file_name, rows, text = os.path.basename(captions_path), [], io.StringIO(_read_text(captions_path), newline="")
         if captions_path.endswith((".jsonl", ".json")):
             for line_number, line in enumerate(text, 1):
                 try:
@@ -799,9 +755,8 @@ class CaptionFile(Records):
 
 
 class CocoCaptions(Records):
-    """COCO-captions JSON ({"images": [{"id", "file_name"}], "annotations": [{"image_id", "caption"}]}): one item
-    per image with all its captions (self.captions, self.image_ids, for retrieval) -> (image, caption, image_id).
-    Images without captions, captions of unknown images and captions that are not text are counted."""
+    """COCO-captions JSON ({"images": [{"id", "file_name"}], "annotations": [{"image_id", "caption"}]}) -> per image
+    (image, caption, image_id); self.captions and self.image_ids for retrieval; bad entries are counted."""
 
     tag = "coco"
 
@@ -840,9 +795,8 @@ class CocoCaptions(Records):
 
 
 class ClassFolder(Records):
-    """ImageNet-style class folders root/<class>/<image> -> (image, "a photo of a <class name>.", label). class_names:
-    None (the folder names, '_' as spaces), a list, or a JSON {folder: name} or text file of names in folder order
-    (ImageNet's folders are WordNet ids: pass their names)."""
+    """Class folders root/<class>/<image> -> (image, "a photo of a <class name>.", label). class_names: None (folder
+    names, '_' as spaces), a list, or a JSON {folder: name} or text file of names in folder order (ImageNet's ids)."""
 
     tag, extensions, caption = "folder", IMAGE_EXTENSIONS, "a photo of {a}."
 
@@ -857,8 +811,8 @@ class ClassFolder(Records):
         names = [folder.replace("_", " ") for folder in folders] if class_names is None else class_names
         if isinstance(class_names, str):
             text = _read_text(class_names)
-            lines = [line.strip() for line in text.splitlines()]
-            names = json.loads(text) if class_names.endswith(".json") else [line for line in lines if line]
+            lines = [line.strip() for line in text.splitlines() if line.strip()]
+            names = json.loads(text) if class_names.endswith(".json") else lines
         if isinstance(names, dict):
             missing = [folder for folder in folders if folder not in names]
             if missing:
@@ -867,9 +821,9 @@ class ClassFolder(Records):
         if len(names) != len(folders):
             raise ValueError(f"{root}: {len(folders)} class folders but {len(names)} class names")
         self.class_names = list(names)
-        self.records = [(os.path.join(root, folder, name), os.path.join(folder, name),
-                         self.caption.format(a=with_article(self.class_names[label])), label)
-                        for label, folder in enumerate(folders) for name in sorted(os.listdir(os.path.join(root, folder)))
+        captions = [self.caption.format(a=with_article(name)) for name in self.class_names]
+        self.records = [(os.path.join(root, folder, name), os.path.join(folder, name), captions[label], label)
+                        for label, folder in enumerate(folders) for name in sorted(os.listdir(f"{root}/{folder}"))
                         if name.rpartition(".")[2].lower() in self.extensions]
 
 
@@ -911,33 +865,19 @@ def _resize_labels(array: np.ndarray, size) -> torch.Tensor:
     return resized[0, 0].to(tensor.dtype)
 
 
-class _Pairs(Records):
-    """Records of (image, label file) pairs matched by file stem; an image without one is counted as `missing`."""
-
-    def __init__(self, images, others, missing, image_size, bad_report_dir, error):
-        super().__init__(image_size=image_size, bad_report_dir=bad_report_dir)
-        self.records = [(path, others[stem]) for stem, path in images.items() if stem in others]
-        for stem in [stem for stem in images if stem not in others]:
-            self.bad.add(missing, stem)
-        if not self.records:
-            raise ValueError(error)
-
-
-class SegmentationFolder(_Pairs):
-    """ADE20K-style root/images[/split]/X.jpg + root/annotations[/split]/X.png (a class index per pixel; in
-    ADE20K 0 = 'other', the usual ignore label) -> (image (3,S,S), mask (S,S) long, resized nearest)."""
+class SegmentationFolder(Records):
+    """ADE20K root/images[/split]/X.jpg + root/annotations[/split]/X.png (0 = 'other') -> (image, mask (S,S) long)."""
 
     def __init__(self, root, split=None, image_size=224, bad_report_dir=None):
-        image_dir, mask_dir = os.path.join(root, "images"), os.path.join(root, "annotations")
-        if split:
-            image_dir, mask_dir = os.path.join(image_dir, split), os.path.join(mask_dir, split)
+        sub = [split] if split else []
+        image_dir, mask_dir = os.path.join(root, "images", *sub), os.path.join(root, "annotations", *sub)
         for folder in (image_dir, mask_dir):
             if not os.path.isdir(folder):
                 raise FileNotFoundError(f"SegmentationFolder: {folder} not found (expected root/images[/split] "
                                         "and root/annotations[/split])")
-        super().__init__(_files_by_stem(image_dir, IMAGE_EXTENSIONS), _files_by_stem(mask_dir, ("png",)),
-                         "missing_mask", image_size, bad_report_dir,
-                         f"SegmentationFolder: no image/mask pairs under {root} (split={split!r})")
+        super().__init__(image_size=image_size, bad_report_dir=bad_report_dir)
+        self._pair(_files_by_stem(image_dir, IMAGE_EXTENSIONS), _files_by_stem(mask_dir, ("png",)), "missing_mask",
+                   f"SegmentationFolder: no image/mask pairs under {root} (split={split!r})")
 
     def load(self, record, generator):
         with skip_on("bad_image", os.path.basename(record[0])):
@@ -947,7 +887,7 @@ class SegmentationFolder(_Pairs):
         return self.transform(image), _resize_labels(labels, self.image_size)
 
 
-class DepthPairs(_Pairs):
+class DepthPairs(Records):
     """NYU-style root/rgb/X.jpg|png + root/depth/X.png (mm, as NYU and KITTI) or .npy (metres), or X_rgb.* + X_depth.*
     files under root -> (image (3,S,S), depth (S,S) float32 metres, valid = depth > 0), resized nearest."""
 
@@ -959,9 +899,9 @@ class DepthPairs(_Pairs):
             files = _files_by_stem(root, IMAGE_EXTENSIONS + ("npy",))
             images = {stem[: -len("_rgb")]: p for stem, p in files.items() if stem.endswith("_rgb")}
             depths = {stem[: -len("_depth")]: p for stem, p in files.items() if stem.endswith("_depth")}
-        super().__init__(images, depths, "missing_depth", image_size, bad_report_dir,
-                         f"DepthPairs: no rgb/depth pairs under {root} (expected rgb/ + depth/ folders or "
-                         "X_rgb.* + X_depth.* files)")
+        super().__init__(image_size=image_size, bad_report_dir=bad_report_dir)
+        self._pair(images, depths, "missing_depth",
+                   f"DepthPairs: no rgb/depth pairs under {root} (expected rgb/ + depth/ or X_rgb.* + X_depth.*)")
 
     def load(self, record, generator):
         image_path, depth_path = record
@@ -974,15 +914,13 @@ class DepthPairs(_Pairs):
 
 
 class DavisFolder(Records):
-    """DAVIS-style root/JPEGImages[/480p]/<seq>/*.jpg + root/Annotations[/480p]/<seq>/*.png (palette PNGs: the
-    object id per pixel, 0 background). One item per sequence: {"name", "frames" (T, 3, H, W), "masks" (T, H, W)
-    long (-1 for a frame without an annotation), "num_objects"}, resized to size (int or (H, W)) or kept (None)."""
+    """DAVIS root/JPEGImages[/480p]/<seq>/*.jpg + root/Annotations[/480p]/<seq>/*.png (object ids) -> per sequence
+    {"name", "frames" (T, 3, H, W), "masks" (T, H, W), -1 unannotated, "num_objects"}, resized to size or kept."""
 
     def __init__(self, root, size=None, bad_report_dir=None):
         super().__init__(image_size=size, bad_report_dir=bad_report_dir)
-        image_dir, mask_dir = os.path.join(root, "JPEGImages"), os.path.join(root, "Annotations")
-        if os.path.isdir(os.path.join(image_dir, "480p")):
-            image_dir, mask_dir = os.path.join(image_dir, "480p"), os.path.join(mask_dir, "480p")
+        sub = ["480p"] if os.path.isdir(os.path.join(root, "JPEGImages", "480p")) else []
+        image_dir, mask_dir = os.path.join(root, "JPEGImages", *sub), os.path.join(root, "Annotations", *sub)
         if not os.path.isdir(image_dir):
             raise FileNotFoundError(f"DavisFolder: {image_dir} not found (expected root/JPEGImages[/480p])")
         self.records = self.sequences = sorted(d for d in os.listdir(image_dir) if os.path.isdir(f"{image_dir}/{d}"))
@@ -1000,23 +938,18 @@ class DavisFolder(Records):
                 size = self.image_size if self.image_size is not None else (image.height, image.width)
                 frames.append(pe_model.preprocess_image(image, size))
                 mask_path = os.path.join(self.mask_dir, name, os.path.splitext(os.path.basename(path))[0] + ".png")
-                if os.path.exists(mask_path):
-                    mask = Image.open(mask_path)
-                    mask = np.asarray(mask if mask.mode in ("P", "L") else mask.convert("L")).astype(np.int64)
-                else:
-                    mask = np.full((image.height, image.width), -1, dtype=np.int64)
+                mask = Image.open(mask_path) if os.path.exists(mask_path) else None
+                mask = (np.full((image.height, image.width), -1) if mask is None  # -1: no annotation
+                        else np.asarray(mask if mask.mode in ("P", "L") else mask.convert("L"))).astype(np.int64)
                 masks.append(_resize_labels(mask, size))
         masks = torch.stack(masks)
-        return {"name": name, "frames": torch.stack(frames), "masks": masks,
-                "num_objects": int(masks.max().clamp(min=0))}
+        return {"name": name, "frames": torch.stack(frames), "masks": masks, "num_objects": max(int(masks.max()), 0)}
 
 
 # ---------------------------------------------------------------------------------------------------------
-# 4. Composed dense labels (stand-ins where no real segmentation, depth or tracking labels install offline).
-# A scene: K emoji pasted with binary alpha (image and masks agree exactly), smallest first. Depth reads the
-# sizes as a pinhole camera: equal real sizes, so an object drawn at a fraction s of the side lies at depth 1/s,
-# and pasting far (small) first makes occlusion agree with depth. Masks are the visible parts. A video: one
-# subject emoji doing a labelled motion (MOTIONS) in front of 0-2 slowly drifting distractors.
+# 4. Composed dense labels (no real ones install offline). A scene: K emoji pasted with binary alpha, smallest first;
+# depth reads sizes as a pinhole camera of equal real sizes (drawn at a fraction s of the side = depth 1/s), so far is
+# pasted first and occlusion agrees with depth. A video: an emoji doing a motion (MOTIONS) before 0-2 distractors.
 
 SCENE_SCALE_RANGE = (0.2, 0.55)  # object size as a fraction of the canvas side
 SCENE_MIN_SCALE = 0.15  # the background wall: depth 1 / 0.15, farther than any object
@@ -1028,17 +961,14 @@ VIDEO_CAPTION_TEMPLATES = ["a video of {a} {motion}.", "{a} {motion}.", "an emoj
 
 
 def compose_scene(seed: int, size: int = 224, num_objects=(2, 5), classes=None) -> dict:
-    """A scene from `seed` of classes [(glyph, name)] (default emoji_classes(20)): image (PIL RGB), instance_map
-    (H, W) long (0 background, k+1 object k), instance_masks (K, H, W) bool, semantic (H, W) long (class id + 1),
-    depth (H, W) float32, labels (K,), names, object_depths (K,), for the visible objects in paste order."""
+    """A scene from `seed`: image (PIL), instance_map (H, W) (0 background, k+1 object k), instance_masks (K, H, W),
+    semantic (class id + 1), depth, labels (K,), names, object_depths (K,), of the visible objects in paste order."""
     classes = list(classes) if classes is not None else emoji_classes(DENSE_NUM_CLASSES)
     generator = item_generator("scene", seed)
     image = random_background(size, generator)
     count = _randint(generator, num_objects[0], num_objects[1] + 1)
-    if count <= len(classes):  # distinct classes in a scene where possible
-        labels = torch.randperm(len(classes), generator=generator)[:count].tolist()
-    else:
-        labels = [_randint(generator, 0, len(classes)) for _ in range(count)]
+    labels = (torch.randperm(len(classes), generator=generator)[:count].tolist() if count <= len(classes)
+              else [_randint(generator, 0, len(classes)) for _ in range(count)])  # distinct classes where possible
     scales = sorted(_uniform(generator, *SCENE_SCALE_RANGE) for _ in range(count))  # far (small) to near
     instance_map = np.zeros((size, size), dtype=np.int64)
     for k, (label, scale) in enumerate(zip(labels, scales)):
@@ -1057,49 +987,44 @@ def compose_scene(seed: int, size: int = 224, num_objects=(2, 5), classes=None) 
     instance_masks = instance_map[None] == torch.arange(1, len(visible) + 1)[:, None, None]
     semantic = torch.cat([torch.zeros(1, dtype=torch.long), labels + 1])[instance_map]
     depth = torch.cat([torch.tensor([1.0 / SCENE_MIN_SCALE]), object_depths])[instance_map]
+    names = [classes[int(c)][1] for c in labels]
     return {"image": image, "instance_map": instance_map, "instance_masks": instance_masks, "semantic": semantic,
-            "depth": depth, "labels": labels, "names": [classes[int(c)][1] for c in labels],
-            "object_depths": object_depths}
+            "depth": depth, "labels": labels, "names": names, "object_depths": object_depths}
 
 
-class ComposedScenes(torch.utils.data.Dataset):
-    """num_scenes composed scenes (compose_scene, seed seed_for(seed, i)) -> {image (3, S, S), semantic, depth,
-    instance_masks, labels}; the default transform is the official preprocessing (a crop would break the labels)."""
+class ComposedScenes(Records):
+    """compose_scene(seed_for(seed, i)) -> {image, semantic, depth, instance_masks, labels}; uncropped: exact labels."""
+
+    tag, epochs = "scene-transform", False
 
     def __init__(self, num_scenes=200, size=224, seed=0, num_classes=DENSE_NUM_CLASSES, num_objects=(2, 5),
                  transform=None, classes=None):
+        super().__init__(transform, size, seed)
         self.classes = list(classes) if classes is not None else emoji_classes(num_classes)
         self.class_names = [name for _, name in self.classes]
-        self.num_scenes, self.size, self.seed, self.num_objects = num_scenes, size, seed, num_objects
-        self.transform = transform or make_eval_transform(size)
+        self.num_scenes, self.size, self.num_objects, self.records = num_scenes, size, num_objects, range(num_scenes)
 
-    def __len__(self):
-        return self.num_scenes
-
-    def __getitem__(self, index):
+    def load(self, index, generator):
         scene = compose_scene(seed_for(self.seed, index), self.size, self.num_objects, self.classes)
-        image = self.transform(scene["image"], item_generator(self.seed, "scene-transform", index))
+        image = self.transform(scene["image"], generator)
         return {"image": image, **{key: scene[key] for key in ("semantic", "depth", "instance_masks", "labels")}}
 
 
-def _motion_state(motion: str, t: float, start: dict) -> tuple[float, float, float, float]:
+def _motion_state(motion: str, t: float, x, y, scale, travel, turn) -> tuple[float, float, float, float]:
     """(center x, center y, scale, angle) of the subject at time t in [0, 1] (canvas fractions, degrees)."""
-    x, y, scale, travel = start["x"], start["y"], start["scale"], start["travel"]
     return {"moving left": (x + travel / 2 - travel * t, y, scale, 0.0),
             "moving right": (x - travel / 2 + travel * t, y, scale, 0.0),
             "moving up": (x, y + travel / 2 - travel * t, scale, 0.0),
             "moving down": (x, y - travel / 2 + travel * t, scale, 0.0),
             "zooming in": (x, y, 0.2 + 0.4 * t, 0.0),
             "zooming out": (x, y, 0.6 - 0.4 * t, 0.0),
-            "rotating clockwise": (x, y, scale, -start["turn"] * t),  # PIL turns positive angles counter-clockwise
-            "rotating counterclockwise": (x, y, scale, start["turn"] * t)}[motion]
+            "rotating clockwise": (x, y, scale, -turn * t),  # PIL turns positive angles counter-clockwise
+            "rotating counterclockwise": (x, y, scale, turn * t)}[motion]
 
 
-def compose_video(seed: int, num_frames: int = 8, size: int = 224, motion: str | None = None, classes=None,
-                  subject: int | None = None, num_distractors=(0, 2)) -> dict:
-    """A video from `seed` of emoji class `subject` doing `motion` (of MOTIONS; default random) in front of
-    distractors of other classes: frames [PIL RGB] * T, masks (T, H, W) long (0 background, 1 subject, 2..
-    distractors), labels (K,) (subject first), names, label, motion, motion_id, caption."""
+def compose_video(seed, num_frames=8, size=224, motion=None, classes=None, subject=None, num_distractors=(0, 2)):
+    """A video from `seed` of class `subject` doing `motion` (default random) before distractors: frames [PIL] * T,
+    masks (T, H, W) (0 background, 1 subject, 2.. distractors), labels (K,), names, label, motion(_id), caption."""
     classes = list(classes) if classes is not None else emoji_classes(DENSE_NUM_CLASSES)
     generator = item_generator("video", seed)
     motion = motion if motion is not None else _choice(generator, MOTIONS)
@@ -1120,7 +1045,7 @@ def compose_video(seed: int, num_frames: int = 8, size: int = 224, motion: str |
     for i in range(num_frames):
         t = i / (num_frames - 1) if num_frames > 1 else 0.0
         layers = [(d + 2, item["label"], item["x"] + item["dx"] * t, item["y"] + item["dy"] * t, item["scale"], 0.0)
-                  for d, item in enumerate(distractors)] + [(1, subject, *_motion_state(motion, t, start))]
+                  for d, item in enumerate(distractors)] + [(1, subject, *_motion_state(motion, t, **start))]
         frame = background.copy()
         for value, label, x, y, scale, angle in layers:  # the subject last, on top
             glyph_size = max(4, round(scale * size))
@@ -1128,8 +1053,7 @@ def compose_video(seed: int, num_frames: int = 8, size: int = 224, motion: str |
                                angle, binary_alpha=True)
             masks[i][torch.from_numpy(mask)] = value
         frames.append(frame)
-    name = classes[subject][1]
-    caption = _choice(generator, VIDEO_CAPTION_TEMPLATES).format(a=with_article(name), motion=motion)
+    caption = _choice(generator, VIDEO_CAPTION_TEMPLATES).format(a=with_article(classes[subject][1]), motion=motion)
     labels = torch.tensor([subject] + [d["label"] for d in distractors], dtype=torch.long)
     return {"frames": frames, "masks": masks, "labels": labels, "names": [classes[int(c)][1] for c in labels],
             "label": subject, "motion": motion, "motion_id": MOTIONS.index(motion), "caption": caption}
@@ -1141,34 +1065,27 @@ def embedded_video_classes(num_classes: int = 10, class_pool: int | None = None)
     return emoji_class_subset(num_classes, class_pool) if use_pool else emoji_classes(num_classes)
 
 
-def make_embedded_videos(out_dir: str, num_videos: int = 32, num_frames: int = 8, size: int = 64, seed: int = 0,
-                         num_classes: int = 10, class_pool: int | None = None) -> list:
-    """The embedded default videos, compose_video encoded to out_dir/videos/{i:05d}.mp4 (video i: motion i % 8, class
-    (i // 8) % num_classes) -> [(path, label {"class_id", "class_name", "motion_id", "motion"}, caption)], listed in
-    out_dir/manifest.jsonl; files already made with the same settings are kept."""
+def make_embedded_videos(out_dir, num_videos=32, num_frames=8, size=64, seed=0, num_classes=10, class_pool=None):
+    """compose_video videos in out_dir/videos/{i:05d}.mp4 (motion i % 8, class i // 8) -> [(path, label {"class_id",
+    "class_name", "motion_id", "motion"}, caption)], as out_dir/manifest.jsonl; made files with equal settings kept."""
     classes = embedded_video_classes(num_classes, class_pool)
-    settings = {"num_frames": num_frames, "size": size, "seed": seed, "num_classes": num_classes, "fps": 8,
-                "class_pool": class_pool}
+    settings = dict(num_frames=num_frames, size=size, seed=seed, num_classes=num_classes, fps=8, class_pool=class_pool)
     manifest_path = os.path.join(out_dir, "manifest.jsonl")
-    existing = {}
+    existing, rows = {}, []
     if os.path.exists(manifest_path):
         with open(manifest_path, encoding="utf-8") as f:
-            rows = [json.loads(line) for line in f]
-        existing = {row["path"]: row for row in rows if row.get("settings") == settings and os.path.exists(row["path"])}
+            made = [json.loads(line) for line in f]
+        existing = {row["path"]: row for row in made if row.get("settings") == settings and os.path.exists(row["path"])}
     os.makedirs(os.path.join(out_dir, "videos"), exist_ok=True)
-    rows = []
     for i in range(num_videos):
         path = os.path.join(out_dir, "videos", f"{i:05d}.mp4")
-        if path in existing:
-            rows.append(existing[path])
-            continue
-        motion = MOTIONS[i % len(MOTIONS)]
-        subject = (i // len(MOTIONS)) % len(classes)
-        video = compose_video(seed_for(seed, "embedded-video", i), num_frames, size, motion, classes, subject)
-        write_video(path, video["frames"], fps=8)
-        label = {"class_id": subject, "class_name": classes[subject][1], "motion_id": video["motion_id"],
-                 "motion": motion}
-        rows.append({"path": path, "label": label, "caption": video["caption"], "settings": settings})
+        if path not in existing:
+            motion, subject = MOTIONS[i % len(MOTIONS)], (i // len(MOTIONS)) % len(classes)
+            video = compose_video(seed_for(seed, "embedded-video", i), num_frames, size, motion, classes, subject)
+            write_video(path, video["frames"], fps=8)
+            label = dict(class_id=subject, class_name=classes[subject][1], motion_id=video["motion_id"], motion=motion)
+            existing[path] = {"path": path, "label": label, "caption": video["caption"], "settings": settings}
+        rows.append(existing[path])
     pe_model.atomic_write(manifest_path, "".join(json.dumps(row) + "\n" for row in rows))
     return [(row["path"], row["label"], row["caption"]) for row in rows]
 
@@ -1181,12 +1098,8 @@ class VideoError(Exception):
     """An unreadable, truncated or empty video; the message names the file."""
 
 
-_ENCODERS = {".mp4": ("libx264", "mpeg4"), ".webm": ("libvpx-vp9", "libvpx")}  # the first this FFmpeg has is used
-
-
 def write_video(path: str, frames, fps: int = 8) -> str:
-    """Encode frames (PIL images, (H, W, 3) uint8 arrays, or a (T, H, W, 3) uint8 tensor) with PyAV to .mp4 (H.264,
-    else mpeg4) or .webm (VP9, else VP8); width and height must be even (yuv420p). Returns the codec."""
+    """Encode frames (PIL or (H, W, 3) uint8, even sides) as .mp4 (H.264 or mpeg4), .webm (VP9 or VP8) -> the codec."""
     import av
 
     arrays = [np.asarray(frame.convert("RGB") if isinstance(frame, Image.Image) else frame) for frame in frames]
@@ -1216,12 +1129,10 @@ def write_video(path: str, frames, fps: int = 8) -> str:
 
 
 def _declared_duration(container, stream) -> float | None:
-    """The video stream's duration in seconds as its header declares it (MP4/AVI: the stream's duration;
-    Matroska/WebM: its DURATION tag; a single-stream file: the container's), or None."""
+    """The header's duration in seconds: the stream's (MP4, AVI), its DURATION tag (WebM), a lone stream's file's."""
     if stream.duration:
         return float(stream.duration * stream.time_base)
-    tag = stream.metadata.get("DURATION")
-    if tag:
+    if tag := stream.metadata.get("DURATION"):
         hours, minutes, seconds = tag.split(":")
         return int(hours) * 3600 + int(minutes) * 60 + float(seconds)
     single = len(container.streams) == 1 and container.duration
@@ -1229,19 +1140,15 @@ def _declared_duration(container, stream) -> float | None:
 
 
 def _display_array(frame, stream) -> np.ndarray:
-    """The frame as (H, W, 3) uint8 RGB, turned upright by its display rotation (counter-clockwise degrees:
-    the frame's display matrix in PyAV >= 14, else the older FFmpeg 'rotate' tag, which counts clockwise)."""
-    array = frame.to_ndarray(format="rgb24")
+    """The frame as (H, W, 3) uint8 RGB turned upright: PyAV >= 14's rotation, else FFmpeg's older clockwise tag."""
     rotation = frame.rotation if hasattr(frame, "rotation") else -int(stream.metadata.get("rotate", 0) or 0)
-    quarter_turns = round((rotation or 0) / 90) % 4
-    return np.ascontiguousarray(np.rot90(array, quarter_turns)) if quarter_turns else array
+    return np.ascontiguousarray(np.rot90(frame.to_ndarray(format="rgb24"), round((rotation or 0) / 90) % 4))
 
 
 def read_video(source, num_frames: int = 8, name: str | None = None, return_indices: bool = False):
-    """num_frames frames of a video (a path or a binary file object) sampled uniformly (pe_model.sample_frame_indices
-    over the frames in presentation order, counted from the packets: exact without a frame count in the header
-    (WebM) or at a variable frame rate) -> (T, H, W, 3) uint8, upright [, the indices]. Decodes only from the
-    keyframe before each wanted frame. VideoError names the file of an unreadable, truncated or empty video."""
+    """num_frames frames (pe_model.sample_frame_indices over the frames counted from the packets: exact for WebM and a
+    variable frame rate) of a video path or file -> (T, H, W, 3) uint8, upright [, indices], decoding only from the
+    keyframe before each; VideoError names the file of an unreadable, truncated or empty video."""
     import av
 
     name = name or str(source)
@@ -1255,18 +1162,14 @@ def read_video(source, num_frames: int = 8, name: str | None = None, return_indi
         if not container.streams.video:
             raise VideoError(f"{name}: no video stream")
         stream = container.streams.video[0]
-        pts, keyframes, end = [], [], None
-        for packet in container.demux(stream):
-            if packet.size == 0:  # the demuxer's final flush packet
-                continue
-            if packet.pts is None:
-                raise VideoError(f"{name}: packet without a timestamp; cannot sample frames by time")
-            pts.append(packet.pts)
-            end = max(end or packet.pts, packet.pts + (packet.duration or 0))
-            if packet.is_keyframe:
-                keyframes.append(packet.pts)
-        if not pts:
+        packets = [(packet.pts, packet.duration or 0, packet.is_keyframe) for packet in container.demux(stream)
+                   if packet.size]  # not the demuxer's final (empty) flush packet
+        if not packets:
             raise VideoError(f"{name}: no frames")
+        if any(pts is None for pts, _, _ in packets):
+            raise VideoError(f"{name}: packet without a timestamp; cannot sample frames by time")
+        pts, end = [pts for pts, _, _ in packets], max(pts + duration for pts, duration, _ in packets)
+        keyframes = [pts for pts, _, keyframe in packets if keyframe]
         declared = _declared_duration(container, stream)
         played = float((end - pts[0] if stream.start_time is None else end - stream.start_time) * stream.time_base)
         # A file cut short keeps its header: its packets stop well before the duration the header declares.

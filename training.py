@@ -96,7 +96,8 @@ def check_config(config, rules=None):
         numbers = [v for v in (value if isinstance(value, (tuple, list)) else [value])
                    if isinstance(v, (int, float)) and not isinstance(v, bool)]
         if rule is None and numbers:
-            rule = (lambda v: all(math.isfinite(x) and x >= 0 for x in numbers), "a finite number >= 0")
+            kind = "an integer" if all(isinstance(x, int) for x in numbers) else "a finite number"
+            rule = (lambda v: all(math.isfinite(x) and x >= 0 for x in numbers), f"{kind} >= 0")
         try:
             ok = rule is None or value is None or (all(map(math.isfinite, numbers)) and rule[0](value))
         except (ValueError, TypeError, KeyError, RuntimeError):  # a rule that raises (a malformed pattern) fails

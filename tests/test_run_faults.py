@@ -19,12 +19,7 @@ import align_spatial  # noqa: E402
 import train_clip  # noqa: E402
 import training  # noqa: E402
 import video_engine  # noqa: E402
-
-TINY = {"model_class": "CLIP",
-        "vision_cfg": {"patch_size": 8, "width": 32, "layers": 2, "heads": 2, "mlp_ratio": 2.0, "output_dim": 32,
-                       "image_size": 32, "use_cls_token": True, "attn_pooler_heads": 2},
-        "text_cfg": {"context_length": 32, "width": 32, "heads": 2, "layers": 1, "output_dim": 32,
-                     "vocab_size": 49408}}
+from test_train_clip import TINY  # noqa: E402  (the tiny CLIP of the training tests)
 
 # Each flag of issue 15 item 2 that used to hang, trace or pass silently, and the words its one line must hold
 BAD_TRAIN_FLAGS = [
@@ -32,10 +27,11 @@ BAD_TRAIN_FLAGS = [
     ("--global_batch=0", "--global_batch=0: must be an integer >= 2"),
     ("--global_batch=1", "--global_batch=1: must be an integer >= 2"),
     ("--max_steps=-5", "--max_steps=-5: must be an integer >= 1"),
-    ("--checkpoint_every=-1", "--checkpoint_every=-1: must be a finite number >= 0"),
+    ("--checkpoint_every=-1", "--checkpoint_every=-1: must be an integer >= 0"),
     ("--lr=-1", "--lr=-1.0: must be a number > 0"),
     ("--lr=nan", "--lr=nan: must be a number > 0"),
-    ("--num_workers=-1", "--num_workers=-1: must be a finite number >= 0"),
+    ("--num_workers=-1", "--num_workers=-1: must be an integer >= 0"),
+    ("--weight_decay=-0.1", "--weight_decay=-0.1: must be a finite number >= 0"),
     ("--model=NotAModel", "--model=NotAModel: must be an official name (PE-Core-T16-384"),
     ("--train_data=shards/{000..009.tar", "--train_data=shards/{000..009.tar: must be a path or a brace pattern"),
     ("--warmup_fraction=2", "--warmup_fraction=2.0: must be a fraction of max_steps in [0, 1)"),
@@ -58,7 +54,7 @@ def test_an_impossible_train_clip_option_stops_at_start_naming_the_field(flag, m
     (video_engine, "--num_videos=0", "--num_videos=0: must be an integer >= 1"),
     (video_engine, "--device=gpu", "--device=gpu: must be auto, cpu, cuda or cuda:N"),
     (align_lang, "--lm_heads=0", "--lm_heads=0: must be an integer >= 1"),
-    (align_lang, "--stage2_steps=-1", "--stage2_steps=-1: must be a finite number >= 0"),
+    (align_lang, "--stage2_steps=-1", "--stage2_steps=-1: must be an integer >= 0"),
     (align_spatial, "--mask_temperature=0", "--mask_temperature=0.0: must be a number > 0"),
     (align_spatial, "--log_every=0", "--log_every=0: must be an integer >= 1"),
     (align_spatial, "--drop_path=1.5", "--drop_path=1.5: must be in [0, 1]"),

@@ -250,8 +250,8 @@ def test_summaries_name_the_best_and_last_layer():
 
 def test_plots_are_written_with_a_line_per_probe(tmp_path):
     tasks = layerwise_tasks()
-    path = evaluate.plot_layerwise(str(tmp_path / "layerwise.png"), tasks)
-    evaluate.plot_layerwise_tasks(str(tmp_path / "layerwise_tasks.png"), tasks)
+    path, tasks_path = evaluate.plot_layerwise(str(tmp_path), "", tasks)
+    assert (path, tasks_path) == (str(tmp_path / "layerwise.png"), str(tmp_path / "layerwise_tasks.png"))
     image = Image.open(path).convert("RGB")
     assert image.size == (1000, 560)
     colours = {colour for _, colour in image.getcolors(image.width * image.height)}
@@ -275,7 +275,7 @@ def test_all_runs_end_to_end_on_a_tiny_model(tmp_path):
     assert written["retrieval"]["images"] == 8 and "R@10" in written["retrieval"]["text_to_image"]
     assert written["video_zero_shot"]["videos"] == 4
     tasks = written["layerwise"]["tasks"]
-    assert set(tasks) == {"classification", "segmentation", "depth", "tracking"}
+    assert set(tasks) == {"classification", "segmentation", "depth", "tracking", "detection"}
     assert all(len(t["per_layer"]) == 3 and t["best_layer"] in (0, 1, 2) for t in tasks.values())
     assert written["tracking"]["per_layer"] == tasks["tracking"]["per_layer"]
     assert "skipped" in written["vqa"]
@@ -283,6 +283,7 @@ def test_all_runs_end_to_end_on_a_tiny_model(tmp_path):
     markdown = (out / "results.md").read_text()
     assert "robustness average" in markdown and "| probe | metric | best layer |" in markdown
     assert (out / "layerwise.png").exists() and (out / "layerwise_tasks.png").exists()
+    assert (out / "feature_maps.png").exists() and "(feature_maps.png)" in markdown
 
 
 def write_public_layouts(root):
@@ -366,7 +367,7 @@ def test_random_init_without_a_model_name_says_what_is_missing():
 
 
 def test_a_missing_data_folder_is_named_before_any_work(tmp_path):
-    with pytest.raises(SystemExit, match="--kinetics_dir=.*nowhere: no such file or folder"):
+    with pytest.raises(SystemExit, match="--kinetics_dir=.*nowhere: must be an existing file or folder"):
         evaluate.main(["--video_zero_shot", "--model=PE-Core-Nano8-64", "--random_init",
                        f"--kinetics_dir={tmp_path / 'nowhere'}", f"--out_dir={tmp_path}"])
     assert not (tmp_path / "results.json").exists()
@@ -406,7 +407,7 @@ def test_several_checkpoints_are_evaluated_in_order_and_compared_side_by_side(tm
     assert [run["meta"]["model"] for run in written["checkpoints"]] == paths == written["meta"]["models"]
     assert results["checkpoints"][0]["zero_shot"]["top1"] == written["checkpoints"][0]["zero_shot"]["top1"]
     assert "top1" in written["checkpoints"][1]["zero_shot"] and "skipped" in written["checkpoints"][2]["zero_shot"]
-    assert all(set(run["layerwise"]["tasks"]) == {"classification", "segmentation", "depth", "tracking"}
+    assert all(set(run["layerwise"]["tasks"]) == {"classification", "segmentation", "depth", "tracking", "detection"}
                for run in written["checkpoints"])
     markdown = (out / "results.md").read_text()
     header = next(line for line in markdown.splitlines() if line.startswith("|  | 1: "))

@@ -154,7 +154,7 @@ def run_logged(argv, log_path):
 
 
 def run_one(run_dir, train_cmd, eval_cmd):
-    """Train and evaluate one run unless done; returns (results dict, seconds spent now)."""
+    """Train and evaluate one run unless done; returns (results dict, {"train": s, "eval": s} spent now)."""
     results_path = os.path.join(run_dir, "eval", "results.json")
     commands_path = os.path.join(run_dir, "commands.json")
     commands = {"train": shlex.join(train_cmd), "eval": shlex.join(eval_cmd)}
@@ -173,9 +173,18 @@ def run_one(run_dir, train_cmd, eval_cmd):
         training.write_json(os.path.join(run_dir, "seconds.json"), seconds)
     try:
         with open(results_path) as f:
-            return json.load(f), sum(seconds.values())
+            return json.load(f), seconds
     except ValueError as error:
         raise SystemExit(f"{results_path}: not valid JSON ({error}); delete it to redo the evaluation") from None
+
+
+def recorded_seconds(run_dir):
+    """{"train": s, "eval": s} as the run's seconds.json recorded them when it ran ({} if absent)."""
+    try:
+        with open(os.path.join(run_dir, "seconds.json")) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return {}
 
 
 def top1(entry):
@@ -229,13 +238,13 @@ def by_step(rows):
     return [(s, [r for r in rows if r["step"] == s]) for s in steps]
 
 
-def markdown_report(rows, seconds=None):
+def markdown_report(rows):
     """The tables of ablation.md: the headline figures beside Tab. 26, then the layer-wise probes."""
     grouped = by_step(rows)
     metrics = (("zero-shot top-1 %", lambda r: r["zero_shot_top1"]), ("robustness avg (shifts) %",
                lambda r: r["robustness_avg"]), ("avg incl. clean %", avg_with_clean))
     header = ["step", "change", "seeds"] + [h for m, _ in metrics for h in (m, "Δ")] + \
-             ["paper IN-val", "Δ", "paper Avg6", "Δ"]
+             ["paper IN-val", "Δ", "paper Avg6", "Δ", "train min", "paper ZFLOPs"]
     lines, previous, previous_step = [], None, None
     for step, group in grouped:
         cells = [str(step), group[0]["name"], ",".join(str(r["seed"]) for r in group)]
@@ -244,7 +253,8 @@ def markdown_report(rows, seconds=None):
             cells += [cell(values), delta(values, None if previous is None else [get(r) for r in previous])]
         paper, before = PAPER[step], PAPER.get(previous_step)
         cells += [f"{paper[0]:.1f}", f"{paper[0] - before[0]:+.1f}" if before else "–",
-                  f"{paper[1]:.1f}", f"{paper[1] - before[1]:+.1f}" if before else "–"]
+                  f"{paper[1]:.1f}", f"{paper[1] - before[1]:+.1f}" if before else "–",
+                  cell([(r.get("seconds") or {}).get("train", math.nan) / 60 for r in group]), f"{paper[2]:.1f}"]
         lines.append(cells)
         previous, previous_step = group, step
     table = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)] + ["| " + " | ".join(c) + " |"
@@ -261,8 +271,9 @@ def markdown_report(rows, seconds=None):
         layer_rows.append(cells)
     layers = ["| " + " | ".join(layer_header) + " |", "|" + "---|" * len(layer_header)] + \
              ["| " + " | ".join(c) + " |" for c in layer_rows]
-    note = (f"Mean ± std over seeds; Δ against the previous step shown. Wall time of the runs done in this "
-            f"invocation: {seconds / 60:.1f} min." if seconds else "Mean ± std over seeds; Δ against the previous step shown.")
+    total = sum(sum((r.get("seconds") or {}).values()) for r in rows)
+    note = ("Mean ± std over seeds; Δ against the previous step shown; train min: the training's wall time per "
+            f"run. Wall time of all {len(rows)} runs (train + evaluate, as recorded when they ran): {total / 60:.1f} min.")
     return "\n".join(["### Recipe ablation (§2.1, Tab. 26)", "", note, "", *table, "",
                       "### Layer-wise probes per step (Figs. 9-10): best layer (per seed), its score, the last layer's",
                       "", *layers, ""])
@@ -358,17 +369,18 @@ def main(argv=None):
     rows, all_results, spent = [], [], 0.0
     for step, name, seed, run_dir, train_cmd, eval_cmd in tqdm(runs, desc="ablation runs", dynamic_ncols=True):
         results, seconds = run_one(run_dir, train_cmd, eval_cmd)
-        spent += seconds
+        spent += sum(seconds.values())
         rows.append(collect_row(step, name, seed, shlex.join(train_cmd), shlex.join(eval_cmd), results))
+        rows[-1]["seconds"] = recorded_seconds(run_dir)
         all_results.append(results)
         tqdm.write(f"step {step} seed {seed}: zero-shot {training.fmt(rows[-1]['zero_shot_top1'])}, robustness "
-                   f"{training.fmt(rows[-1]['robustness_avg'])} ({seconds:.0f} s)")
+                   f"{training.fmt(rows[-1]['robustness_avg'])} ({sum(seconds.values()):.0f} s)")
     os.makedirs(cfg.report_dir, exist_ok=True)
     prefix = os.path.join(cfg.report_dir, "ablation_deep" if cfg.deep else "ablation")
     training.write_json(prefix + ".json", rows)
     paths = [prefix + ".json", prefix + ".md"]
     with open(prefix + ".md", "w") as f:
-        f.write(deep_report(rows, all_results) if cfg.deep else markdown_report(rows, spent))
+        f.write(deep_report(rows, all_results) if cfg.deep else markdown_report(rows))
     if cfg.deep:
         plot_path = os.path.join(runs[0][3], "eval", "layerwise_tasks.png")
         if os.path.exists(plot_path):

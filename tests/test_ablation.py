@@ -100,11 +100,13 @@ def test_collect_row_has_the_issue_schema(tmp_path):
                                 "detection": {"best_layer": 2, "best": 20.0, "last": None}}
     assert ablation.avg_with_clean(row) == pytest.approx((12.5 + 1.0 + 9.0) / 3)
     # the report: two seeds of step 9 and one of step 1 give mean +- std and the deltas beside Tab. 26
-    other = {**row, "seed": 2, "zero_shot_top1": 14.5}
-    first = {**row, "step": 1, "name": "vanilla CLIP", "seed": 1, "zero_shot_top1": 10.0}
-    report = ablation.markdown_report([first, row, other])
+    other = {**row, "seed": 2, "zero_shot_top1": 14.5, "seconds": {"train": 180.0, "eval": 60.0}}
+    first = {**row, "step": 1, "name": "vanilla CLIP", "seed": 1, "zero_shot_top1": 10.0,
+             "seconds": {"train": 120.0, "eval": 60.0}}
+    report = ablation.markdown_report([first, row, other])  # `row` has no seconds.json: left out of the times
     assert "| 9 | mask regularization | 1,2 | 13.5 ± 1.4 | +3.5 |" in report
-    assert "| 78.9 | – | 75.3 | – |" in report and "| 81.3 | +2.4 | 80.9 | +5.6 |" in report
+    assert "| 78.9 | – | 75.3 | – | 2.0 | 1.0 |" in report and "| 81.3 | +2.4 | 80.9 | +5.6 | 3.0 | 1.2 |" in report
+    assert "all 3 runs (train + evaluate, as recorded when they ran): 7.0 min" in report
     assert "detection best layer" in report and "| 3,3 |" in report
 
 

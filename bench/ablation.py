@@ -7,7 +7,7 @@ Step k's train_clip.py command is step k-1's plus the options of one change; eve
 `python train_clip.py ...` and one `python evaluate.py --all ...` subprocess, both printed and stored as a reader
 can copy them (run from the repository root). The script only runs and collects them:
 
-    python bench/ablation.py                              # 9 steps x 3 seeds (~90 min on 2 idle cores)
+    python bench/ablation.py                              # 9 steps x 3 seeds (~100 min on 2 idle cores)
     python bench/ablation.py --steps=1,9 --seeds=1        # the quick form: vanilla and the full recipe, one seed
     python bench/ablation.py --dry_run                    # print the 2 x 27 commands only
     python bench/ablation.py --deep --seeds=0,1           # the deeper core, full recipe, its layer-wise curves
@@ -73,14 +73,14 @@ import training  # noqa: E402  (parse_config, write_json, fmt: the shared machin
 class AblationConfig:
     steps: typing.Tuple[int, ...] = (1, 2, 3, 4, 5, 6, 7, 8, 9)  # which of the nine steps to run
     seeds: typing.Tuple[int, ...] = (0, 1, 2)  # the seeds of every step (--seeds=1: seed 1 alone)
-    max_steps: int = 300  # optimizer steps of every run (9 x 3 runs in ~90 min on 2 idle cores, bench/RESULTS.md)
+    max_steps: int = 300  # optimizer steps of every run (9 x 3 runs in ~100 min on 2 idle cores, bench/RESULTS.md)
     checkpoint_every: int = 100  # an interrupted run resumes from here
     out_dir: str = "out/ablation"  # the runs' folders: step{k}_seed{s}/train, .../eval
     report_dir: str = "bench"  # ablation.json, ablation.png, ablation.md (ablation_deep.* with --deep)
     dry_run: bool = False  # print the commands only
     deep: bool = False  # instead of the ablation: the deeper core with the full recipe (train_clip.py's defaults)
     deep_model: str = "PE-Core-NanoDeep8-64"
-    deep_max_steps: int = 1800  # ~25 min of training on 2 idle cores, plus its 12-layer evaluation (bench/RESULTS.md)
+    deep_max_steps: int = 1200  # about 25 min with its 12-layer evaluation on 2 idle cores (bench/RESULTS.md)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -273,7 +273,8 @@ def markdown_report(rows):
              ["| " + " | ".join(c) + " |" for c in layer_rows]
     total = sum(sum((r.get("seconds") or {}).values()) for r in rows)
     note = ("Mean ± std over seeds; Δ against the previous step shown; train min: the training's wall time per "
-            f"run. Wall time of all {len(rows)} runs (train + evaluate, as recorded when they ran): {total / 60:.1f} min.")
+            f"run. Wall time of all {len(rows)} runs (train + evaluate, as recorded when they ran): "
+            f"{total / 60:.1f} min.")
     return "\n".join(["### Recipe ablation (§2.1, Tab. 26)", "", note, "", *table, "",
                       "### Layer-wise probes per step (Figs. 9-10): best layer (per seed), its score, the last layer's",
                       "", *layers, ""])

@@ -154,9 +154,11 @@ def run_logged(argv, log_path):
 
 
 def run_one(run_dir, train_cmd, eval_cmd):
-    """Train and evaluate one run unless done; returns (results dict, {"train": s, "eval": s} spent now)."""
+    """Train and evaluate one run unless done. Returns (results dict, {"train": s, "eval": s} as seconds.json
+    records them over every invocation that worked on this run, seconds spent in this one)."""
     results_path = os.path.join(run_dir, "eval", "results.json")
     commands_path = os.path.join(run_dir, "commands.json")
+    seconds_path = os.path.join(run_dir, "seconds.json")
     commands = {"train": shlex.join(train_cmd), "eval": shlex.join(eval_cmd)}
     if os.path.exists(commands_path):
         with open(commands_path) as f:
@@ -164,27 +166,27 @@ def run_one(run_dir, train_cmd, eval_cmd):
                 shutil.rmtree(run_dir)
     os.makedirs(run_dir, exist_ok=True)
     training.write_json(commands_path, commands)
-    seconds = {}
+    try:
+        with open(seconds_path) as f:
+            seconds = json.load(f)
+    except (OSError, ValueError):
+        seconds = {}
+    spent = 0.0
     if not os.path.exists(results_path):
+        parts = [("eval", eval_cmd, "eval.log")]
         if not os.path.exists(os.path.join(run_dir, "train", "final.pt")):
             resume = ["--resume"] if training.latest_checkpoint(os.path.join(run_dir, "train")) else []
-            seconds["train"] = run_logged(train_cmd + resume, os.path.join(run_dir, "train.log"))
-        seconds["eval"] = run_logged(eval_cmd, os.path.join(run_dir, "eval.log"))
-        training.write_json(os.path.join(run_dir, "seconds.json"), seconds)
+            parts.insert(0, ("train", train_cmd + resume, "train.log"))
+        for part, argv, log in parts:  # a resumed part adds to the time recorded before the interruption
+            now = run_logged(argv, os.path.join(run_dir, log))
+            seconds[part] = seconds.get(part, 0.0) + now
+            spent += now
+            training.write_json(seconds_path, seconds)
     try:
         with open(results_path) as f:
-            return json.load(f), seconds
+            return json.load(f), seconds, spent
     except ValueError as error:
         raise SystemExit(f"{results_path}: not valid JSON ({error}); delete it to redo the evaluation") from None
-
-
-def recorded_seconds(run_dir):
-    """{"train": s, "eval": s} as the run's seconds.json recorded them when it ran ({} if absent)."""
-    try:
-        with open(os.path.join(run_dir, "seconds.json")) as f:
-            return json.load(f)
-    except (OSError, ValueError):
-        return {}
 
 
 def top1(entry):
@@ -369,13 +371,13 @@ def main(argv=None):
         return runs
     rows, all_results, spent = [], [], 0.0
     for step, name, seed, run_dir, train_cmd, eval_cmd in tqdm(runs, desc="ablation runs", dynamic_ncols=True):
-        results, seconds = run_one(run_dir, train_cmd, eval_cmd)
-        spent += sum(seconds.values())
-        rows.append(collect_row(step, name, seed, shlex.join(train_cmd), shlex.join(eval_cmd), results))
-        rows[-1]["seconds"] = recorded_seconds(run_dir)
+        results, seconds, now = run_one(run_dir, train_cmd, eval_cmd)
+        spent += now
+        rows.append({**collect_row(step, name, seed, shlex.join(train_cmd), shlex.join(eval_cmd), results),
+                     "seconds": seconds})
         all_results.append(results)
         tqdm.write(f"step {step} seed {seed}: zero-shot {training.fmt(rows[-1]['zero_shot_top1'])}, robustness "
-                   f"{training.fmt(rows[-1]['robustness_avg'])} ({sum(seconds.values()):.0f} s)")
+                   f"{training.fmt(rows[-1]['robustness_avg'])} ({now:.0f} s)")
     os.makedirs(cfg.report_dir, exist_ok=True)
     prefix = os.path.join(cfg.report_dir, "ablation_deep" if cfg.deep else "ablation")
     training.write_json(prefix + ".json", rows)

@@ -116,3 +116,23 @@ def test_deep_report_tables_every_probe_per_layer():
     assert "**classification** (): best seed 0: layer 3 (11.00, last 10.00)" in report
     assert "| 3 | 11.00 | 11.00 |" in report
     assert "**detection**: no per-layer scores" in report and "**depth**: no per-layer scores" in report
+
+
+def test_run_one_resumes_a_failed_evaluation_without_retraining_and_keeps_the_recorded_times(tmp_path):
+    run_dir = tmp_path / "run"
+    trained, fail_once = tmp_path / "trained.txt", tmp_path / "fail_once"
+    train = ["python", "-c", f"import os; os.makedirs({str(run_dir / 'train')!r}, exist_ok=True); "
+             f"open({str(run_dir / 'train' / 'final.pt')!r}, 'w').write('x'); open({str(trained)!r}, 'a').write('.')"]
+    evaluate = ["python", "-c", f"import os, sys, json; p = {str(fail_once)!r}\n"
+                f"if os.path.exists(p): os.remove(p); sys.exit(3)\n"
+                f"os.makedirs({str(run_dir / 'eval')!r}, exist_ok=True); "
+                f"json.dump({{'zero_shot': {{'top1': 5.0}}}}, open({str(run_dir / 'eval' / 'results.json')!r}, 'w'))"]
+    fail_once.write_text("")
+    with pytest.raises(SystemExit, match="failed \\(3\\)"):
+        ablation.run_one(str(run_dir), train, evaluate)
+    assert set(json.loads((run_dir / "seconds.json").read_text())) == {"train"}  # the training's time is kept
+    results, seconds, spent = ablation.run_one(str(run_dir), train, evaluate)
+    assert results == {"zero_shot": {"top1": 5.0}} and trained.read_text() == "."  # trained once
+    assert set(seconds) == {"train", "eval"} and spent == pytest.approx(seconds["eval"])
+    again = ablation.run_one(str(run_dir), train, evaluate)  # done: collected, nothing run
+    assert again == (results, seconds, 0.0) and trained.read_text() == "."

@@ -16,11 +16,9 @@ its own switch in TrainConfig below, so the ablation can be rerun; `--preset=van
         --train_data='shards/{00000..01023}.tar' --resolution_stages=0.3:98,0.3:154,0.3:224,0.1:336 \\
         --max_steps=100000 --lr=2e-3                      # 8 GPUs (NCCL, DDP, bf16 autocast); add --fsdp for G
 
-Every config field is an option: --field=value (a bare --flag sets a bool); --model is an official name or a
-JSON file with a config dict (pe_model.build_model's format). Outputs in --out_dir: step_NNNNNN.pt and final.pt
-("model" in the official state_dict layout plus "config": pe_model.load_model(path) rebuilds it), metrics.jsonl
-(one line per step, plus zero-shot evaluations) and bad_samples/ (skipped inputs, counted per reason).
-
+Every config field is an option, --field=value; --model is an official name or a JSON config file. Outputs in
+--out_dir: step_NNNNNN.pt and final.pt (the official state_dict layout plus "config": pe_model.load_model reads
+it), metrics.jsonl (one line per step, plus zero-shot evaluations) and bad_samples/ (skipped inputs, counted).
 Then measure it: python evaluate.py --all --checkpoint=out/clip/final.pt (the command is printed at the end).
 """
 
@@ -67,8 +65,7 @@ class TrainConfig:
     # recipe (§2.1, in the order of the paper's ablation)
     global_batch: int = 128  # images per step over all ranks (§2.1 doubles it: more negatives)
     max_steps: int = 400  # the default run: 51,200 images (its figures: bench/RESULTS.md)
-    # fraction:resolution. The default ends at the model's native 64 px; most steps run at 32-40 px, where a
-    # step costs half as much (§2.1's point: progressive resolution buys steps)
+    # fraction:resolution, ending at the model's native 64 px (§2.1: low-resolution steps are cheap steps)
     resolution_stages: typing.Tuple[str, ...] = ("0.4:32", "0.3:40", "0.2:48", "0.1:64")
     load_size: int = 0  # images are read at this size and resized per stage; 0 = the largest stage resolution
     optimizer: str = "lamb"  # lamb (§2.1) | adamw (vanilla)
@@ -149,12 +146,10 @@ def build_clip(name_or_path, use_rope2d=None, pool_type=None):
 
 
 class TrainingForward(nn.Module):
-    """The CLIP model plus the one forward a training step needs, so that DDP / FSDP wrap a module whose forward()
-    is the whole step; images and their masked copies go through the vision tower as one batch.
-    forward(images (B,3,H,W), tokens (B,L), masked_rows (M,): the images that get a masked copy, patch_mask (M,N)
-    bool: the patches each copy hides) -> (image_features (B,D), text_features (B,D), logit_scale (the
-    multiplier), clean_tokens, masked_tokens (M,N,W): the final ln_post'ed patch tokens of the masked images'
-    originals and copies, for mask regularization); None for what is not given or computed."""
+    """The CLIP model with the one forward a training step needs, so that DDP / FSDP wrap the whole step. The
+    images and the masked copies of images[masked_rows] (patch_mask (M,N) hides their patches) go through the
+    vision tower as one batch -> (image_features (B,D), text_features (B,D), logit_scale (the multiplier),
+    clean_tokens, masked_tokens (M,N,W): the final patch tokens of the masked images' originals and copies)."""
 
     def __init__(self, model):
         super().__init__()
@@ -235,82 +230,45 @@ def build_train_dataset(cfg, load_size, bad_dir):
         return data.CocoCaptions(cfg.train_data, cfg.image_root, transform, seed=cfg.seed, bad_report_dir=bad_dir)
 
 
-class EpochIndexed(torch.utils.data.Dataset):
-    """A map-style dataset indexed by (epoch, index): one DataLoader (and one set of workers) spans epochs,
-    each item still made with its own epoch's randomness."""
-
-    def __init__(self, dataset):
-        self.dataset = dataset
-
-    def __len__(self):
-        return len(self.dataset)
-
-    def __getitem__(self, key):
-        epoch, index = key
-        self.dataset.set_epoch(epoch)
-        return self.dataset[index]
-
-
-def rank_batches(num_items, global_batch, start, rank, world_size, seed):
-    """Index batches of this rank from position start = (epoch, batch), forever: global batch k of an epoch
-    is order[k*G : (k+1)*G] and rank r takes its r-th slice, so the union over ranks does not depend on the
-    number of ranks. Yields lists of (epoch, index) for EpochIndexed."""
-    epoch, batch = start
-    local = global_batch // world_size
-    while True:
-        order = torch.randperm(num_items, generator=data.item_generator(seed, "order", epoch))  # same on all ranks
-        for k in range(batch, num_items // global_batch):
-            mine = order[k * global_batch + rank * local: k * global_batch + (rank + 1) * local]
-            yield [(epoch, int(i)) for i in mine]
-        epoch, batch = epoch + 1, 0
-
-
 def trim_padding(tokens):
     """Drop the padding columns that no caption of the batch reaches: (B, L) -> (B, longest caption). Exact: the
     text tower is causal and reads its output at the end-of-text token, so what comes after never matters."""
     return tokens[:, : max(1, int((tokens != pe_model.PAD_TOKEN_ID).sum(dim=1).max()))]
 
 
-def _map_stream(dataset, cfg, start, rank, world_size, collate):
-    """(position after the batch, batch, exhausted=False) for a map-style dataset, across epochs."""
-    sampler = rank_batches(len(dataset), cfg.global_batch, start, rank, world_size, cfg.seed)
-    loader = torch.utils.data.DataLoader(EpochIndexed(dataset), batch_sampler=sampler, collate_fn=collate,
-                                         num_workers=cfg.num_workers)
-    epoch, batch = start
-    per_epoch = len(dataset) // cfg.global_batch
-    for loaded in loader:
-        epoch, batch = (epoch, batch + 1) if batch + 1 < per_epoch else (epoch + 1, 0)
-        yield (epoch, batch), loaded, False
-
-
-def _iterable_stream(dataset, cfg, start, local, collate):
-    """The same for tar shards, from position (epoch, batches already used in it), which a resumed run
-    re-reads and drops (the stream is deterministic). Ends an epoch with (next position, None, True)."""
+def epoch_stream(dataset, cfg, start, rank, world_size, collate):
+    """This rank's batches of one epoch from position start = (epoch, batches already used in it): (position after
+    the batch, batch, False) each, then ((epoch + 1, 0), None, exhausted=True). A map-style dataset's global batch
+    k is order[k*G : (k+1)*G] and rank r takes its r-th slice, so the union over ranks does not depend on their
+    number, and the used batches are skipped; tar shards (each rank reads its own) re-read and drop them."""
     epoch, skip = start
-    while True:
-        dataset.set_epoch(epoch)
-        loader = torch.utils.data.DataLoader(dataset, batch_size=local, collate_fn=collate,
-                                             num_workers=cfg.num_workers)
-        for batch_index, batch in enumerate(loader, 1):
-            if batch_index > skip:
-                yield (epoch, batch_index), batch, False
-        yield (epoch + 1, 0), None, True
-        epoch, skip = epoch + 1, 0
+    local = cfg.global_batch // world_size
+    dataset.set_epoch(epoch)
+    if isinstance(dataset, torch.utils.data.IterableDataset):
+        loader, first = torch.utils.data.DataLoader(dataset, batch_size=local, collate_fn=collate,
+                                                    num_workers=cfg.num_workers), 1
+    else:
+        order = torch.randperm(len(dataset), generator=data.item_generator(cfg.seed, "order", epoch))  # all ranks
+        g = cfg.global_batch
+        sampler = [order[k * g + rank * local: k * g + (rank + 1) * local].tolist()
+                   for k in range(skip, len(dataset) // g)]
+        loader, first = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, collate_fn=collate,
+                                                    num_workers=cfg.num_workers), skip + 1
+    for index, batch in enumerate(loader, first):
+        if index > skip:
+            yield (epoch, index), batch, False
+    yield (epoch + 1, 0), None, True
 
 
 def train_batches(dataset, cfg, start, rank, world_size, load_size, context_length, group):
     """Yield (images, tokens, position after this batch) for every step, on every rank in lockstep.
     A rank whose items were all bad gets an empty batch; a global batch without one good item is skipped
-    (the dataset has counted them); with tar shards every rank starts the next epoch as soon as one rank
-    runs out of data, so the ranks never wait on each other."""
+    (the dataset has counted them); every rank starts the next epoch as soon as one rank runs out of data
+    (tar shards need not split evenly), so the ranks never wait on each other."""
     collate = functools.partial(data.collate_image_text, context_length=context_length)
-    local = cfg.global_batch // world_size
-    iterable = isinstance(dataset, torch.utils.data.IterableDataset)
-    if not iterable and len(dataset) < cfg.global_batch:
+    if not isinstance(dataset, torch.utils.data.IterableDataset) and len(dataset) < cfg.global_batch:
         raise SystemExit(f"--global_batch={cfg.global_batch} is larger than the dataset ({len(dataset)} items)")
-    stream = (_iterable_stream(dataset, cfg, start, local, collate) if iterable
-              else _map_stream(dataset, cfg, start, rank, world_size, collate))
-    batches_since_data, epochs_since_data = 0, 0
+    stream, epochs_since_data = epoch_stream(dataset, cfg, start, rank, world_size, collate), 0
     while True:
         position, batch, exhausted = next(stream)
         images, tokens = batch if batch is not None else (torch.zeros(0, 3, load_size, load_size),
@@ -318,43 +276,32 @@ def train_batches(dataset, cfg, start, rank, world_size, load_size, context_leng
         status = torch.tensor([float(exhausted), float(len(images))])
         if group is not None:
             dist.all_reduce(status, group=group)
-        batches_since_data = 0 if status[1] > 0 else batches_since_data + 1
         if status[0] > 0:  # some rank ran out of data: all restart at the next epoch
             epochs_since_data += 1  # reset by every batch yielded: 2 = a whole epoch gave nothing
             if epochs_since_data >= 2:
-                raise SystemExit(f"--train_data={cfg.train_data}: a whole epoch gave no usable sample (see the "
-                                 "bad-sample warnings above)")
-            stream.close()
-            next_epoch = position[0] if exhausted else position[0] + 1
-            stream = _iterable_stream(dataset, cfg, (next_epoch, 0), local, collate)
-            continue
-        if status[1] == 0:  # no rank has a good item in this global batch (the dataset counted them)
-            if not iterable and batches_since_data >= len(dataset) // cfg.global_batch:
                 raise SystemExit(f"--data={cfg.data}: a whole epoch gave no usable sample (see the bad-sample "
                                  "warnings above)")
-            continue
-        epochs_since_data = 0
-        yield images, tokens, position
+            stream.close()
+            next_epoch = position[0] if exhausted else position[0] + 1
+            stream = epoch_stream(dataset, cfg, (next_epoch, 0), rank, world_size, collate)
+        elif status[1] > 0:  # else no rank has a good item in this global batch (the dataset counted them)
+            epochs_since_data = 0
+            yield images, tokens, position
 
 
 # ---------------------------------------------------------------------------------------------------------
 # Mask regularization (§2.1): "we want the model to produce the same features if some patches are not visible",
 # but CLIP gradients through masked images could alter its behaviour on unmasked ones, so MaskFeat (Wei et al.
-# 2022) becomes a regularizer: 1/16 of the batch is duplicated and masked (Tab. 18: 8,192 of 131,072, ratio 0.4)
-# and the masked copies' output tokens are aligned to their unmasked counterparts by cosine, the CLIP and mask
-# gradients kept disjoint (the copies stay out of the contrastive loss; the unmasked side is a detached target).
-# What the paper leaves open, in its simplest faithful reading:
-#  - a masked patch's pixels are 0 (the middle of [-1, 1]): with the bias-free conv1 it enters the tower as its
-#    position embedding alone, a fixed, parameter-free "mask token" (the official state_dict layout is kept);
-#  - patches are masked uniformly at random (the pattern is not stated), round(0.4 x patches) per copy;
-#  - the aligned tokens are the final ln_post'ed patch tokens at the masked positions, loss = mean of 1 - cos,
-#    mask_weight 1 beside the CLIP loss (no weight is stated).
+# 2022) becomes a regularizer: 1/16 of the batch is duplicated and masked (Tab. 18, ratio 0.4) and the copies'
+# output tokens are aligned to their unmasked counterparts by cosine; the copies stay out of the contrastive
+# loss and the unmasked side is a detached target. What the paper leaves open, in its simplest reading: a masked
+# patch is 0 (with the bias-free conv1 it enters as its position embedding alone, a parameter-free mask token);
+# patches are masked uniformly at random; the loss is the mean of 1 - cos over the masked final patch tokens.
 def sample_masks(batch_size, grid_size, fraction, ratio, step, seed, offset=0):
-    """Which rows of a batch get a masked copy, and which patches each copy hides.
-    rows (M,): the positions j with (offset + j) % round(1 / fraction) == 0, offset = the position of this
-    rank's first image in the global batch, so the chosen images do not depend on the number of ranks.
-    patch_mask (M, grid_size**2) bool, True = masked: round(ratio * grid_size**2) patches per copy, drawn from
-    item_generator(seed, "mask", step, global position): the same in a resumed or a multi-process run."""
+    """Which rows of a batch get a masked copy, and which patches each copy hides. rows (M,): the j with
+    (offset + j) % round(1 / fraction) == 0, offset = this rank's first position in the global batch; patch_mask
+    (M, grid_size**2) bool, True = masked: round(ratio * grid_size**2) patches per copy, drawn from
+    item_generator(seed, "mask", step, global position), so neither depends on the number of ranks or a resume."""
     num_patches = grid_size * grid_size
     if fraction <= 0:
         return torch.zeros(0, dtype=torch.long), torch.zeros(0, num_patches, dtype=torch.bool)
@@ -552,9 +499,8 @@ def train(cfg):
     checkpoint(final_path)
     if cfg.eval_every:
         accuracy = evaluate()
-    bad = bad_samples() if master else None
-    if accuracy is not None:
         metrics.log({"step": step, "zero_shot_top1": accuracy})
+    bad = bad_samples() if master else None
     if bad:
         metrics.log({"step": step, "bad_samples": bad.counts})
     if master:

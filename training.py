@@ -1,8 +1,7 @@
 """
 training.py: the machinery every training stage shares, written once: --field=value configs, the default
 PE-core checkpoint, torchrun / DDP / FSDP, LAMB, the warmup + cosine schedule, RNG state, the resumable
-checkpoint, the resumable (epoch, batch) stream, the metrics log and the reports. Nothing here knows a
-stage; to copy a stage into another project, take it with pe_model.py, data.py, training.py and kernels/.
+checkpoint, the resumable (epoch, batch) stream, the metrics log and the reports. Nothing here knows a stage.
 """
 
 import glob
@@ -25,35 +24,30 @@ import pe_model
 
 # ---------------------------------------------------------------------------------------------------------
 # Configs: every field of a stage's config dataclass is an option, --field=value (a bare --flag sets a bool).
+BOOLEANS = {**dict.fromkeys(("1", "true", "yes", "on"), True), **dict.fromkeys(("0", "false", "no", "off"), False)}
+
+
 def _parse_value(text, kind, name):
-    origin = typing.get_origin(kind)
-    if origin is typing.Union:  # Optional[X]
+    if typing.get_origin(kind) is typing.Union:  # Optional[X]
         if text.lower() in ("none", "null"):
             return None
         kind = next(k for k in typing.get_args(kind) if k is not type(None))
-        origin = typing.get_origin(kind)
+    origin, args = typing.get_origin(kind), typing.get_args(kind)
     try:
         if kind is bool:
-            return {"1": True, "true": True, "yes": True, "on": True, "0": False, "false": False, "no": False,
-                    "off": False}[text.lower()]
-        if kind in (int, float, str):
-            return kind(text)
+            return BOOLEANS[text.lower()]
         if origin in (tuple, list):  # comma-separated: --resolution_stages=0.25:98,0.75:224
-            item = typing.get_args(kind)[0] if typing.get_args(kind) else str
-            values = [_parse_value(v, item, name) for v in text.split(",") if v != ""]
+            values = [_parse_value(v, args[0] if args else str, name) for v in text.split(",") if v != ""]
             return tuple(values) if origin is tuple else values
+        return kind(text) if kind in (int, float) else text
     except (ValueError, TypeError, KeyError):
         raise SystemExit(f"--{name}={text}: not a valid {getattr(kind, '__name__', kind)}") from None
-    return text
 
 
 def parse_config(config, argv=None, rules=None):
-    """Override the fields of a config dataclass instance from --field=value arguments, then check_config it;
-    returns it. An unknown option or a malformed or impossible value stops with one message naming it."""
-    argv = sys.argv[1:] if argv is None else argv
-    hints = typing.get_type_hints(type(config))
-    names = [f.name for f in fields(config)]
-    for arg in argv:
+    """Set the fields of a config dataclass instance from --field=value arguments, then check_config it."""
+    hints, names = typing.get_type_hints(type(config)), [f.name for f in fields(config)]
+    for arg in sys.argv[1:] if argv is None else argv:
         if not arg.startswith("--"):
             raise SystemExit(f"unexpected argument {arg!r}: options are --field=value")
         name, has_value, text = arg[2:].partition("=")
@@ -80,6 +74,7 @@ RULES = {
     "warmup_fraction": (lambda v: v < 1, "a fraction of max_steps in [0, 1)"),
     "betas": (lambda v: len(v) == 2 and all(0 <= b < 1 for b in v), "two numbers in [0, 1)"),
     "optimizer": (lambda v: v in ("lamb", "adamw"), "lamb or adamw"),
+    "lr_schedule": (lambda v: v in ("cosine", "constant"), "cosine or constant"),
     "device": (lambda v: v in ("", "auto") or torch.device(v), "auto, cpu, cuda or cuda:N"),
     "model": (lambda v: not v or v in pe_model.VISION_CONFIGS or os.path.isfile(v),
               "an official name (" + ", ".join(pe_model.VISION_CONFIGS) + ") or a JSON config file"),
@@ -97,7 +92,7 @@ def check_config(config, rules=None):
                    if isinstance(v, (int, float)) and not isinstance(v, bool)]
         if rule is None and numbers:
             kind = "an integer" if all(isinstance(x, int) for x in numbers) else "a finite number"
-            rule = (lambda v: all(math.isfinite(x) and x >= 0 for x in numbers), f"{kind} >= 0")
+            rule = (lambda v: all(x >= 0 for x in numbers), f"{kind} >= 0")
         try:
             ok = rule is None or value is None or (all(map(math.isfinite, numbers)) and rule[0](value))
         except (ValueError, TypeError, KeyError, RuntimeError):  # a rule that raises (a malformed pattern) fails
@@ -122,15 +117,19 @@ def load_plugin(spec, option):
 DEFAULT_CORE_DIR = "out/clip"  # where `python train_clip.py` writes with its default settings
 
 
+def checkpoints(out_dir, pattern="*.pt"):
+    """The files of out_dir whose names match `pattern`, oldest first."""
+    return sorted((p for p in glob.glob(os.path.join(out_dir, pattern)) if os.path.isfile(p)), key=os.path.getmtime)
+
+
 def latest_checkpoint(out_dir=DEFAULT_CORE_DIR, pattern="*.pt"):
     """The newest checkpoint in out_dir whose name matches `pattern`, or None."""
-    paths = [p for p in glob.glob(os.path.join(out_dir, pattern)) if os.path.isfile(p)]
-    return max(paths, key=os.path.getmtime) if paths else None
+    return (checkpoints(out_dir, pattern) or [None])[-1]
 
 
 def resolve_checkpoint(path=None):
-    """`path` (it must exist; hf:REPO[/FILE] or an official name: that file from the Hugging Face hub, as
-    pe_model.hub_download), else the newest checkpoint of a default `python train_clip.py`, else one message."""
+    """`path` (a file; hf:REPO[/FILE] or an official name: from the Hugging Face hub), else the newest checkpoint
+    of a default `python train_clip.py`, else one message."""
     if path and not os.path.isfile(path):
         if not path.startswith("hf:") and path not in pe_model.VISION_CONFIGS:
             raise SystemExit(f"--checkpoint={path}: no such file")
@@ -164,8 +163,7 @@ def final_resolution(train_config, default):
 # ---------------------------------------------------------------------------------------------------------
 # Distributed: torchrun's environment variables alone switch it on (as in nanoGPT).
 def setup_distributed():
-    """(rank, world_size, local_rank, device). Under torchrun (WORLD_SIZE > 1) joins the process group: NCCL
-    with one GPU per process, gloo on CPU. A plain `python` run is rank 0 of 1, on the GPU if there is one."""
+    """(rank, world_size, local_rank, device); under torchrun, joins the process group (NCCL on GPUs, gloo)."""
     rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     device = torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
@@ -194,22 +192,20 @@ def is_fsdp(module):
 
 
 def wrap_for_training(module, device, world_size, fsdp=False, replicated=()):
-    """DDP (default) or FSDP2 around `module` when world_size > 1. FSDP shards each block of any `resblocks`,
-    then the rest; `replicated` parameters (a 0-dim logit scale fully_shard cannot shard) stay whole, the caller
-    averaging their gradients. Build the optimizer AFTER this: fully_shard swaps in sharded DTensors."""
+    """DDP or FSDP2 (each block of any `resblocks`, then the rest) around `module` when world_size > 1.
+    `replicated` parameters (a 0-dim logit scale fully_shard cannot shard) stay whole, the caller averaging their
+    gradients. Build the optimizer AFTER this: fully_shard swaps in sharded DTensors."""
     if world_size == 1:
         return module
-    if fsdp:
-        from torch.distributed.device_mesh import init_device_mesh
-        from torch.distributed.fsdp import fully_shard
-        mesh = init_device_mesh(device.type, (world_size,))
-        for name, child in module.named_modules():
-            if name.endswith("resblocks"):
-                for block in child:
-                    fully_shard(block, mesh=mesh)
-        fully_shard(module, mesh=mesh, ignored_params=set(replicated))
-        return module
-    return nn.parallel.DistributedDataParallel(module, device_ids=[device.index] if device.type == "cuda" else None)
+    if not fsdp:
+        return nn.parallel.DistributedDataParallel(module, device_ids=[device.index] if device.type == "cuda" else None)
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    mesh = init_device_mesh(device.type, (world_size,))
+    for block in [b for name, child in module.named_modules() if name.endswith("resblocks") for b in child]:
+        fully_shard(block, mesh=mesh)
+    fully_shard(module, mesh=mesh, ignored_params=set(replicated))
+    return module
 
 
 def unwrap(module):
@@ -251,27 +247,20 @@ class LAMB(torch.optim.Optimizer):
         w = w - lr * r * u"""
 
     def __init__(self, params, lr=2e-3, betas=(0.9, 0.95), eps=1e-6, weight_decay=0.0, trust_ratio=True):
-        if lr < 0 or eps < 0 or weight_decay < 0 or not all(0 <= b < 1 for b in betas):
-            raise ValueError(f"LAMB: invalid lr={lr}, betas={betas}, eps={eps} or weight_decay={weight_decay}")
         super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay,
                                       trust_ratio=trust_ratio))
 
     @torch.no_grad()
-    def step(self, closure=None):
-        with torch.enable_grad():
-            loss = closure() if closure is not None else None
+    def step(self):
         for group in self.param_groups:
             beta1, beta2 = group["betas"]
-            for param in group["params"]:
-                if param.grad is None:
-                    continue
+            for param in (p for p in group["params"] if p.grad is not None):
                 state = self.state[param]
                 if not state:
                     state.update(step=torch.tensor(0.0), exp_avg=torch.zeros_like(param),
                                  exp_avg_sq=torch.zeros_like(param))
                 state["step"] += 1
-                step = state["step"].item()
-                exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
+                step, exp_avg, exp_avg_sq = state["step"].item(), state["exp_avg"], state["exp_avg_sq"]
                 exp_avg.mul_(beta1).add_(param.grad, alpha=1 - beta1)
                 exp_avg_sq.mul_(beta2).addcmul_(param.grad, param.grad, value=1 - beta2)
                 denominator = (exp_avg_sq / (1 - beta2**step)).sqrt_().add_(group["eps"])
@@ -285,28 +274,23 @@ class LAMB(torch.optim.Optimizer):
                     if hasattr(update, "full_tensor"):  # a DTensor update: scale it by a plain number
                         ratio = ratio.item()
                 param.sub_(update.mul_(ratio * group["lr"]))
-        return loss
 
 
 def build_optimizer(model, optimizer="lamb", lr=2e-3, betas=(0.9, 0.95), eps=1e-6, weight_decay=0.05):
-    """LAMB or AdamW over param_groups(model, weight_decay) (the same decay exclusions for both)."""
+    """LAMB or AdamW (RULES["optimizer"]) over param_groups(model, weight_decay): the same decay exclusions."""
     groups = param_groups(model, weight_decay)
-    if optimizer == "lamb":
-        return LAMB(groups, lr=lr, betas=betas, eps=eps)
     if optimizer == "adamw":
         return torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), eps=eps)
-    raise SystemExit(f"--optimizer={optimizer}: unknown; use lamb or adamw")
+    return LAMB(groups, lr=lr, betas=betas, eps=eps)
 
 
 def lr_at(step, max_steps, base_lr, warmup_steps, min_lr=0.0, schedule="cosine"):
     """Steps count from 0. Linear warmup from base_lr / warmup_steps to base_lr over warmup_steps, then cosine
-    decay to min_lr at max_steps (or constant)."""
+    decay to min_lr at max_steps (or constant: RULES["lr_schedule"])."""
     if step < warmup_steps:
         return base_lr * (step + 1) / warmup_steps
     if schedule == "constant":
         return base_lr
-    if schedule != "cosine":
-        raise SystemExit(f"--lr_schedule={schedule}: unknown; use cosine or constant")
     progress = min(1.0, (step - warmup_steps) / max(1, max_steps - warmup_steps))
     return min_lr + 0.5 * (base_lr - min_lr) * (1 + math.cos(math.pi * progress))
 
@@ -339,9 +323,8 @@ def set_rng_state(state):
 
 
 def save_training_checkpoint(path, module, model, optimizer, step, position=(), world_size=1, extra=None):
-    """Write a resumable checkpoint of `model` (the pe_model module inside the possibly wrapped `module`).
-    position: this rank's data position (ints), gathered from every rank if world_size > 1, else one row all
-    ranks share. Call on every rank (FSDP gathers the full state collectively); rank 0 writes."""
+    """Write a resumable checkpoint of `model` (the pe_model module inside the wrapped `module`) with this rank's
+    data `position` (ints; one row per rank if world_size > 1). Call on every rank (FSDP gathers); rank 0 writes."""
     positions = gather_per_rank([int(v) for v in position], world_size)
     if is_fsdp(module):
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
@@ -362,25 +345,25 @@ def save_training_checkpoint(path, module, model, optimizer, step, position=(), 
 
 def _config_difference(saved, built):
     """The fields where two model configs differ, "vision_cfg.width=128 (this run: 192)", for a mismatch error."""
-    flat = lambda c: {f"{k}.{j}": w for k, v in c.items() for j, w in (v.items() if isinstance(v, dict)  # noqa
-                                                                        else [("", v)])}
-    saved, built = flat(saved or {}), flat(built)
-    return ", ".join(f"{k.rstrip('.')}={saved.get(k)} (this run: {built.get(k)})"
+    def flat(config):
+        return {f"{k}.{j}".rstrip("."): w for k, v in config.items()
+                for j, w in (v.items() if isinstance(v, dict) else [("", v)])}
+    saved, built = flat(saved), flat(built)
+    return ", ".join(f"{k}={saved.get(k)} (this run: {built.get(k)})"
                      for k in sorted(set(saved) | set(built)) if saved.get(k) != built.get(k))
 
 
 def load_training_checkpoint(path, module, model, optimizer=None, rank=0, world_size=1):
-    """Restore weights, optimizer and RNG states from save_training_checkpoint's file: (the checkpoint dict, this
-    rank's data position). An unreadable file raises ValueError naming it (nothing restored); one of another
-    model, or of another number of processes (each rank's position is its own), stops with one message."""
+    """Restore weights, optimizer and RNG states -> (the checkpoint dict, this rank's data position). An unreadable
+    file raises ValueError (nothing restored); one of another model or number of processes stops with a message."""
     blob = pe_model.read_checkpoint_file(path)
     if not isinstance(blob, dict) or "model" not in blob or "step" not in blob or "rng" not in blob:
         raise ValueError(f"{path}: not a resumable training checkpoint (no 'model', 'step' and 'rng')")
     positions = torch.atleast_2d(blob.get("data_position", torch.zeros(1, 0, dtype=torch.long)))  # (ranks, ints)
     if len(positions) not in (1, world_size):  # one row: a position that every rank shares (train_clip)
         raise SystemExit(f"{path}: written by {len(positions)} process(es); resume it with as many (now {world_size})")
-    difference = _config_difference(blob.get("config"), pe_model.get_config(model))
-    if blob.get("config") and difference:  # before any weight is touched: say which sizes differ, both ways
+    difference = blob.get("config") and _config_difference(blob["config"], pe_model.get_config(model))
+    if difference:  # before any weight is touched: say which sizes differ, both ways
         raise SystemExit(f"{path}: a checkpoint of another model: {difference}")
     if is_fsdp(module):
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
@@ -404,8 +387,7 @@ def load_training_checkpoint(path, module, model, optimizer=None, rank=0, world_
 def resume_latest(out_dir, pattern, module, model, optimizer=None, rank=0, world_size=1, start=(0, 0)):
     """--resume: load_training_checkpoint the newest `pattern` file of out_dir -> (path, dict, position), else
     (None, None, start); an unreadable one (cut by a full disk) is named and passed over for the previous one."""
-    paths = [p for p in glob.glob(os.path.join(out_dir, pattern)) if os.path.isfile(p)]
-    for path in sorted(paths, key=os.path.getmtime, reverse=True):
+    for path in reversed(checkpoints(out_dir, pattern)):
         try:
             return (path, *load_training_checkpoint(path, module, model, optimizer, rank, world_size))
         except ValueError as error:
@@ -415,8 +397,7 @@ def resume_latest(out_dir, pattern, module, model, optimizer=None, rank=0, world
 
 
 def remove_partial_writes(out_dir, rank=0):
-    """Delete what killed writes left in out_dir (atomic_write's .NAME.tmpPID files); call at start on every
-    rank, before anything is written (rank 0 deletes, then all ranks wait for it)."""
+    """Delete what killed writes left in out_dir (atomic_write's .NAME.tmpPID); call on every rank at start."""
     if rank == 0:
         for path in glob.glob(os.path.join(glob.escape(out_dir), "**", ".*.tmp*"), recursive=True):
             os.remove(path)
@@ -426,8 +407,7 @@ def remove_partial_writes(out_dir, rank=0):
 
 def prune_checkpoints(out_dir, keep, pattern="step_*.pt"):
     """Delete all but the `keep` newest checkpoints in out_dir whose names match `pattern` (call on rank 0)."""
-    paths = sorted(glob.glob(os.path.join(out_dir, pattern)), key=os.path.getmtime)
-    for path in paths[: max(0, len(paths) - keep)]:
+    for path in checkpoints(out_dir, pattern)[: -keep or None]:
         os.remove(path)
 
 

@@ -347,7 +347,7 @@ def contrastive_step(train_forward, optimizer, images, tokens, masking=None, mas
         mask_loss = sums[0] / sums[1].clamp(min=1)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
-    clip = training.unwrap(train_forward).model
+    clip = getattr(train_forward, "module", train_forward).model  # (DDP wraps it as .module)
     if group is not None and training.is_fsdp(train_forward):  # the replicated logit scale (wrap_for_training)
         dist.all_reduce(clip.logit_scale.grad, group=group)
         clip.logit_scale.grad.div_(world_size)
@@ -364,8 +364,8 @@ def zero_shot_accuracy(train_forward, images, labels, class_names, resolution, b
     training module's forward, which an FSDP model needs to gather its shards (every rank runs it)."""
     device = next(train_forward.parameters()).device
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
-        classifier = pe_model.zero_shot_classifier(training.unwrap(train_forward).model, class_names,
-                                                   data.ZERO_SHOT_TEMPLATES, 4096, device,
+        clip = getattr(train_forward, "module", train_forward).model  # (DDP wraps it as .module)
+        classifier = pe_model.zero_shot_classifier(clip, class_names, data.ZERO_SHOT_TEMPLATES, 4096, device,
                                                    lambda tokens: train_forward(None, tokens)[1])
         correct = 0
         for start in range(0, len(images), batch_size):

@@ -208,11 +208,6 @@ def wrap_for_training(module, device, world_size, fsdp=False, replicated=()):
     return module
 
 
-def unwrap(module):
-    """The module inside a DDP wrapper (FSDP2 and plain modules are their own)."""
-    return getattr(module, "module", module)
-
-
 # ---------------------------------------------------------------------------------------------------------
 # Optimizer. §2.1 switches from AdamW to LAMB, which allows a higher learning rate (2e-3 for L at 64K batch).
 # LAMB (You et al. 2020, Algorithm 2) is Adam whose update is rescaled per parameter tensor by the trust ratio

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn as nn
+from torch.distributed.fsdp import FSDPModule
 
 import pe_model
 
@@ -87,19 +88,17 @@ def check_config(config, rules=None):
     """Stop with one line naming the first field whose value no run can use, its value and what is allowed."""
     rules = {**RULES, **(rules or {})}
     for field in fields(config):
-        value, rule = getattr(config, field.name), rules.get(field.name)
-        numbers = [v for v in (value if isinstance(value, (tuple, list)) else [value])
-                   if isinstance(v, (int, float)) and not isinstance(v, bool)]
-        if rule is None and numbers:
-            kind = "an integer" if all(isinstance(x, int) for x in numbers) else "a finite number"
-            rule = (lambda v: all(x >= 0 for x in numbers), f"{kind} >= 0")
+        value = getattr(config, field.name)
+        values = value if isinstance(value, (tuple, list)) else [value]
+        numbers = [v for v in values if isinstance(v, (int, float)) and not isinstance(v, bool)]
+        kind = "an integer" if all(isinstance(x, int) for x in numbers) else "a finite number"
+        test, allowed = rules.get(field.name, (lambda v: all(x >= 0 for x in numbers), f"{kind} >= 0"))
         try:
-            ok = rule is None or value is None or (all(map(math.isfinite, numbers)) and rule[0](value))
+            ok = value is None or (all(map(math.isfinite, numbers)) and test(value))
         except (ValueError, TypeError, KeyError, RuntimeError):  # a rule that raises (a malformed pattern) fails
             ok = False
         if not ok:
-            shown = ",".join(map(str, value)) if isinstance(value, (tuple, list)) else value
-            raise SystemExit(f"--{field.name}={shown}: must be {rule[1]}")
+            raise SystemExit(f"--{field.name}={','.join(map(str, values))}: must be {allowed}")
     return config
 
 
@@ -187,7 +186,6 @@ def gather_per_rank(value, world_size):
 
 
 def is_fsdp(module):
-    from torch.distributed.fsdp import FSDPModule
     return isinstance(module, FSDPModule)
 
 
@@ -209,11 +207,10 @@ def wrap_for_training(module, device, world_size, fsdp=False, replicated=()):
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Optimizer. §2.1 switches from AdamW to LAMB, which allows a higher learning rate (2e-3 for L at 64K batch).
-# LAMB (You et al. 2020, Algorithm 2) is Adam whose update is rescaled per parameter tensor by the trust ratio
-# ||w|| / ||update||, so every layer moves by about lr x its own norm whatever its gradient scale.
-# Besides every 0/1-d parameter (biases, norms, LayerScale, logit scale), the position and class embeddings
-# and the pooling probe get neither decay (nothing pulls them to 0) nor the trust ratio (their norm is no scale).
+# Optimizer. §2.1 switches from AdamW to LAMB (You et al. 2020), Adam whose update is rescaled per tensor by the
+# trust ratio ||w|| / ||update||, so every layer moves by about lr x its own norm: it allows a higher learning rate.
+# Besides the 0/1-d parameters (biases, norms, LayerScale, logit scale), the position and class embeddings and the
+# pooling probe get neither decay (nothing pulls them to 0) nor the trust ratio (their norm is no scale).
 NO_DECAY_NAMES = ("positional_embedding", "class_embedding", "probe", "logit_scale")
 
 

@@ -240,8 +240,7 @@ def zero_shot_classifier(model, class_names, templates, batch_size=256, device="
 # ---------------------------------------------------------------------------------------------------------
 # Preprocessing (the official transforms): squash resize (aspect ratio not kept), bilinear, mean = std = 0.5.
 def preprocess_image(image, image_size, center_crop=False):
-    """PIL image -> float tensor (3, H, W) in [-1, 1], as the official transform. `image_size` is an int
-    (square) or (H, W). center_crop: resize the short side to the size, then crop the centre."""
+    """PIL image -> (3, H, W) in [-1, 1], image_size an int or (H, W); center_crop: resize the short side, crop."""
     from PIL import Image
     height, width = (image_size, image_size) if isinstance(image_size, int) else image_size
     image = image.convert("RGB")
@@ -258,8 +257,7 @@ def preprocess_image(image, image_size, center_crop=False):
 
 
 def sample_frame_indices(total_frames, num_frames=8):
-    """Uniform frame sampling of the official video demo: frame int(i * total / T) for i < T. A video shorter
-    than T frames repeats frames, so every video gives exactly T."""
+    """The official video demo's frames int(i * total / T), i < T: exactly T, repeated in a shorter video."""
     if total_frames <= 0:
         raise ValueError(f"cannot sample frames from a video with {total_frames} frames")
     return [int(i * total_frames / num_frames) for i in range(num_frames)]
@@ -428,8 +426,7 @@ class VisionTransformer(nn.Module):
         self.config.layers = keep
 
     def interpolated_posemb(self, grid_h, grid_w):
-        """The learned position embedding at a (grid_h, grid_w) grid: the stored square grid resized
-        bilinearly (align_corners=False, no antialias), the cls row kept as is. (N, W)."""
+        """The position embedding (N, W) at a (grid_h, grid_w) grid: resized bilinearly (no antialias), cls row kept."""
         posemb = self.positional_embedding
         if (grid_h, grid_w) == (self.posemb_grid, self.posemb_grid):
             return posemb
@@ -439,9 +436,8 @@ class VisionTransformer(nn.Module):
         return torch.cat([cls_row, grid.permute(0, 2, 3, 1).reshape(grid_h * grid_w, -1)])
 
     def embed(self, x, patch_mask=None):
-        """Images (B, 3, H, W) -> tokens entering block 0 (B, N, W) and the RoPE angles (N, head_dim).
-        patch_mask (B, gh*gw) bool: masked patches enter as zero embeddings, exactly as zero pixels would
-        (conv1 has no bias), so a masked patch is its position embedding alone (mask regularization, §2.1)."""
+        """Images (B, 3, H, W) -> tokens entering block 0 (B, N, W), RoPE angles (N, head_dim). patch_mask (B, gh*gw)
+        bool: masked patches enter as zero pixels would (conv1 has no bias): their position embedding alone (§2.1)."""
         x = self.conv1(x)  # (B, W, gh, gw); remainder pixels past the last full patch are dropped
         grid_h, grid_w = x.shape[-2:]
         x = x.flatten(2).transpose(1, 2)  # (B, gh*gw, W), row-major
@@ -455,8 +451,7 @@ class VisionTransformer(nn.Module):
         return self.ln_pre(x), angles
 
     def rope_table(self, grid_h, grid_w, device):
-        """The RoPE angles (N, head_dim) of a grid, built on `device` once and reused by every block and forward;
-        a plain dict, not in the state_dict, of at most 16 grids (an evaluation sweep: the oldest goes)."""
+        """A grid's RoPE angles (N, head_dim), built once per device for every block and forward (16 grids kept)."""
         key = (grid_h, grid_w, self.width // self.heads, self.use_cls_token, torch.device(device))
         if torch.compiler.is_compiling() or torch.compiler.is_exporting():  # a traced table must not outlive its trace
             return rope_angles_2d(*key[:4], device=key[4])
@@ -473,8 +468,7 @@ class VisionTransformer(nn.Module):
         return x[:, 1:] if strip_cls_token and self.use_cls_token else x
 
     def forward_features(self, x, norm=False, layer_idx=-1, strip_cls_token=False, patch_mask=None):
-        """Tokens (B, N, W) after block `layer_idx` (0-based; -1 the last, -2 the penultimate, ...).
-        norm applies ln_post; strip_cls_token drops the class token (official semantics); patch_mask: embed."""
+        """Tokens (B, N, W) after block `layer_idx` (0-based, -1 the last); norm: ln_post; patch_mask: see embed."""
         x, angles = self.embed(x, patch_mask)
         x = self.transformer(x, angles, stop_after=(self.layers + layer_idx) % self.layers)
         return self._finish(x, norm, strip_cls_token)
@@ -504,8 +498,8 @@ class VisionTransformer(nn.Module):
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Text tower (official `TextTransformer`): causal, no RoPE, no LayerScale; pooled at
-# the highest token id (the end-of-text token), projected by a raw (W_t, D) matrix.
+# Text tower (official `TextTransformer`): causal, no RoPE, no LayerScale; pooled at the highest token id (the
+# end-of-text token), projected by a raw (W_t, D) matrix.
 class TextTransformer(nn.Module):
     def __init__(self, context_length=32, width=512, heads=8, layers=12, output_dim=512, mlp_ratio=4.0,
                  vocab_size=49408):
@@ -521,7 +515,7 @@ class TextTransformer(nn.Module):
         nn.init.normal_(self.token_embedding.weight, std=0.02)
 
     def encode_text_tokens(self, text):
-        """Token ids (B, L), L <= context_length -> final token states after ln_final (B, L, W_t)."""
+        """Token ids (B, L <= context_length) -> the states after ln_final (B, L, W_t)."""
         if text.shape[1] > self.context_length:
             raise ValueError(f"text has {text.shape[1]} tokens, more than context_length {self.context_length}")
         x = self.token_embedding(text) + self.positional_embedding[: text.shape[1]]
@@ -555,8 +549,8 @@ class CLIP(TextTransformer):
         return F.normalize(x, dim=-1) if normalize else x
 
     def encode_video(self, video, normalize=False):
-        """Video (B, T, 3, H, W) -> (B, D): the mean of its frames' embeddings (§2.2). normalize=True
-        averages the normalised frame embeddings and does not renormalise the mean (official semantics)."""
+        """Video (B, T, 3, H, W) -> (B, D): the mean of its frames' embeddings (§2.2), normalised ones if normalize
+        (the mean is not renormalised: official semantics)."""
         x = self.encode_image(video.flatten(0, 1), normalize=normalize)  # (B*T, D)
         return x.unflatten(0, video.shape[:2]).mean(dim=1)
 
@@ -569,8 +563,7 @@ class CLIP(TextTransformer):
 # ---------------------------------------------------------------------------------------------------------
 # Building and loading.
 def build_model(name_or_config):
-    """A model from an official name ("PE-Core-L14-336", "PE-Spatial-B16-512", ...) or a config dict in the
-    fixture / checkpoint format ({"model_class", "vision_cfg", "text_cfg", "init_logit_scale"})."""
+    """A model from an official name or a config dict ({"model_class", "vision_cfg", "text_cfg", ...})."""
     config = model_config(name_or_config) if isinstance(name_or_config, str) else name_or_config
     if not isinstance(config, dict) or "vision_cfg" not in config:
         raise ValueError("a model config is a dict with 'model_class' and 'vision_cfg' (and 'text_cfg' for CLIP)")
@@ -584,7 +577,7 @@ def build_model(name_or_config):
 
 
 def get_config(model):
-    """The config dict of a built model (what build_model takes back; saved inside our checkpoints)."""
+    """The config dict of a built model (what build_model takes back; our checkpoints store it)."""
     if isinstance(model, CLIP):
         return {"model_class": "CLIP", "vision_cfg": asdict(model.visual.config),
                 "text_cfg": asdict(model.text_config), "init_logit_scale": INIT_LOGIT_SCALE}
@@ -613,8 +606,7 @@ def read_checkpoint_file(path):
 
 
 def read_state_dict(source):
-    """A state dict from a path or a dict: official .pt files (bare, or wrapped in "state_dict" / "weights"),
-    our checkpoints ("model"), DDP's "module." prefix stripped. Always torch.load(weights_only=True)."""
+    """The state dict of a path or dict: bare, or under "state_dict" / "weights" / "model" (ours), no "module."."""
     state_dict = read_checkpoint_file(source) if isinstance(source, (str, os.PathLike)) else source
     for wrapper in ("state_dict", "weights", "model"):
         if isinstance(state_dict, dict) and isinstance(state_dict.get(wrapper), dict):
@@ -701,14 +693,12 @@ def convert_state_dict(state_dict, to="official"):
 
 def load_checkpoint(model, source, strict=True, truncate=False, drop_head=False, name=None):
     """Load a path or state dict in any layout (official, timm's `vit_pe_*` tower, open_clip's `PE-Core-*` CLIP;
-    .pt / .pth / .bin / .safetensors; detect_layout) into `model`; return the model. A CLIP checkpoint loads into
-    a bare VisionTransformer (its `visual.` keys), a vision-only one into a CLIP's tower. Other resolutions follow
-    the official code (integer RoPE grid positions, position embedding resized bilinearly without antialias);
-    timm rescales RoPE positions to the pretraining grid and resizes bicubically with antialias, so there its
-    outputs differ. truncate=True drops blocks the model lacks (PE-Lang keeps a Core's first N); drop_head=True
-    drops ln_post / attn_pool / proj weights it lacks (a Core into a headless tower). Any other mismatch raises one
-    CheckpointMismatchError listing every missing, unexpected and wrongly-shaped key (the official loader ignores
-    them); strict=False loads what fits."""
+    .pt / .pth / .bin / .safetensors) into `model` and return it; a CLIP checkpoint loads into a bare tower, a tower
+    into a CLIP's `visual`. (At other resolutions timm rescales RoPE positions and resizes bicubically, so its outputs
+    differ from the official code's, which we follow.) truncate=True drops blocks the model lacks (PE-Lang keeps a
+    Core's first N); drop_head=True drops ln_post / attn_pool / proj weights it lacks. Any other mismatch raises one
+    CheckpointMismatchError listing every key that is missing, unexpected or wrongly shaped; strict=False loads
+    what fits."""
     label = name or (str(source) if isinstance(source, (str, os.PathLike)) else "state dict")
     state_dict = read_state_dict(source)
     layout = detect_layout(state_dict)
@@ -747,8 +737,8 @@ def load_checkpoint(model, source, strict=True, truncate=False, drop_head=False,
 
 
 def atomic_write(path, payload):
-    """Write `payload` (str, bytes, or a function that writes to a binary file) to a temporary file in the same
-    folder, then rename: a crash never leaves a half-written file under the final name."""
+    """Write `payload` (str, bytes or a function of a binary file) to a temporary file beside `path`, then rename it:
+    a crash never leaves a half-written file under the final name."""
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
     temporary = os.path.join(folder, f".{os.path.basename(path)}.tmp{os.getpid()}")
@@ -762,8 +752,7 @@ def atomic_write(path, payload):
 
 
 def save_checkpoint(obj, path):
-    """torch.save, atomically (atomic_write); a path ending in .safetensors takes a state dict (or our
-    {"model", "config"}) and writes safetensors, the config as metadata (safetensors is then needed)."""
+    """torch.save, atomically; a .safetensors path takes a state dict or our {"model", "config"} (config: metadata)."""
     if not str(path).endswith(".safetensors"):
         return atomic_write(path, lambda f: torch.save(obj, f))
     state = {k: v.detach().cpu().contiguous().clone() for k, v in read_state_dict(obj).items()}  # unshared
@@ -784,8 +773,8 @@ def checkpoint_config(blob, name=None, label="checkpoint"):
 
 
 def load_model(checkpoint=None, name=None):
-    """Build and load a model for evaluation or further training: from one of our checkpoints (it stores its
-    config), or an official .pt with its official `name` (official files store no config)."""
+    """A model built and loaded from one of our checkpoints (they store their config) or an official file and its
+    official `name` (found in the file name if not given: official files store no config)."""
     if checkpoint is None:
         if name is None:
             raise ValueError("give a checkpoint path, a model name, or both")

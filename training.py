@@ -1,8 +1,6 @@
-"""
-training.py: the machinery every training stage shares, written once: --field=value configs, the default
-PE-core checkpoint, torchrun / DDP / FSDP, LAMB, the warmup + cosine schedule, RNG state, the resumable
-checkpoint, the resumable (epoch, batch) stream, the metrics log and the reports. Nothing here knows a stage.
-"""
+"""The machinery every training stage shares, written once: --field=value configs, the default PE-core checkpoint,
+torchrun / DDP / FSDP, LAMB, the warmup + cosine schedule, RNG state, the resumable checkpoint and (epoch, batch)
+stream, the metrics log and the reports. Nothing here knows a stage."""
 
 import glob
 import importlib
@@ -18,7 +16,9 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn as nn
-from torch.distributed.fsdp import FSDPModule
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import FSDPModule, fully_shard
 
 import pe_model
 
@@ -117,18 +117,16 @@ DEFAULT_CORE_DIR = "out/clip"  # where `python train_clip.py` writes with its de
 
 
 def checkpoints(out_dir, pattern="*.pt"):
-    """The files of out_dir whose names match `pattern`, oldest first."""
+    """The files of out_dir whose names match `pattern`, oldest first (latest_checkpoint: the newest or None)."""
     return sorted((p for p in glob.glob(os.path.join(out_dir, pattern)) if os.path.isfile(p)), key=os.path.getmtime)
 
 
 def latest_checkpoint(out_dir=DEFAULT_CORE_DIR, pattern="*.pt"):
-    """The newest checkpoint in out_dir whose name matches `pattern`, or None."""
     return (checkpoints(out_dir, pattern) or [None])[-1]
 
 
 def resolve_checkpoint(path=None):
-    """`path` (a file; hf:REPO[/FILE] or an official name: from the Hugging Face hub), else the newest checkpoint
-    of a default `python train_clip.py`, else one message."""
+    """`path` (a file, or hf:REPO[/FILE] or an official name from the hub), else the newest default checkpoint."""
     if path and not os.path.isfile(path):
         if not path.startswith("hf:") and path not in pe_model.VISION_CONFIGS:
             raise SystemExit(f"--checkpoint={path}: no such file")
@@ -144,8 +142,7 @@ def resolve_checkpoint(path=None):
 
 
 def checkpoint_train_config(path):
-    """The train_config train_clip.py stored in checkpoint `path` (data, classes, resolution stages, seed), or
-    {} (an official file, a tower export, an unreadable file). Memory-mapped: the weights are not read."""
+    """The train_config that train_clip.py stored in checkpoint `path`, or {}; memory-mapped (no weight is read)."""
     try:
         blob = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception:  # a legacy (non-zip) file cannot be mapped, and holds no config; nor does a broken one
@@ -174,7 +171,7 @@ def setup_distributed():
 
 
 def barrier():
-    dist.barrier() if dist.is_available() and dist.is_initialized() else None
+    dist.barrier() if dist.is_initialized() else None
 
 
 def gather_per_rank(value, world_size):
@@ -190,15 +187,13 @@ def is_fsdp(module):
 
 
 def wrap_for_training(module, device, world_size, fsdp=False, replicated=()):
-    """DDP or FSDP2 (each block of any `resblocks`, then the rest) around `module` when world_size > 1.
-    `replicated` parameters (a 0-dim logit scale fully_shard cannot shard) stay whole, the caller averaging their
-    gradients. Build the optimizer AFTER this: fully_shard swaps in sharded DTensors."""
+    """DDP or FSDP2 (each block of any `resblocks`, then the rest) around `module` when world_size > 1; FSDP leaves
+    `replicated` parameters whole (a 0-dim logit scale), their gradients the caller's to average. Build the
+    optimizer after this: fully_shard swaps in sharded DTensors."""
     if world_size == 1:
         return module
     if not fsdp:
         return nn.parallel.DistributedDataParallel(module, device_ids=[device.index] if device.type == "cuda" else None)
-    from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import fully_shard
     mesh = init_device_mesh(device.type, (world_size,))
     for block in [b for name, child in module.named_modules() if name.endswith("resblocks") for b in child]:
         fully_shard(block, mesh=mesh)
@@ -277,8 +272,7 @@ def build_optimizer(model, optimizer="lamb", lr=2e-3, betas=(0.9, 0.95), eps=1e-
 
 
 def lr_at(step, max_steps, base_lr, warmup_steps, min_lr=0.0, schedule="cosine"):
-    """Steps count from 0. Linear warmup from base_lr / warmup_steps to base_lr over warmup_steps, then cosine
-    decay to min_lr at max_steps (or constant: RULES["lr_schedule"])."""
+    """The lr at `step` (from 0): linear warmup to base_lr, then cosine to min_lr at max_steps (or constant)."""
     if step < warmup_steps:
         return base_lr * (step + 1) / warmup_steps
     if schedule == "constant":
@@ -315,11 +309,9 @@ def set_rng_state(state):
 
 
 def save_training_checkpoint(path, module, model, optimizer, step, position=(), world_size=1, extra=None):
-    """Write a resumable checkpoint of `model` (the pe_model module inside the wrapped `module`) with this rank's
-    data `position` (ints; one row per rank if world_size > 1). Call on every rank (FSDP gathers); rank 0 writes."""
+    """Checkpoint `model` (inside the wrapped `module`) and each rank's data `position` (ints). Every rank calls it."""
     positions = gather_per_rank([int(v) for v in position], world_size)
     if is_fsdp(module):
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
         model_state, optimizer_state = get_state_dict(
             module, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
         model_state = {k.removeprefix("model."): v for k, v in model_state.items()}
@@ -336,11 +328,9 @@ def save_training_checkpoint(path, module, model, optimizer, step, position=(), 
 
 
 def _config_difference(saved, built):
-    """The fields where two model configs differ, "vision_cfg.width=128 (this run: 192)", for a mismatch error."""
-    def flat(config):
-        return {f"{k}.{j}".rstrip("."): w for k, v in config.items()
-                for j, w in (v.items() if isinstance(v, dict) else [("", v)])}
-    saved, built = flat(saved), flat(built)
+    """Where two model configs differ: "vision_cfg.width=128 (this run: 192)", ..."""
+    saved, built = ({f"{k}.{j}".rstrip("."): w for k, v in config.items()
+                     for j, w in (v.items() if isinstance(v, dict) else [("", v)])} for config in (saved, built))
     return ", ".join(f"{k}={saved.get(k)} (this run: {built.get(k)})"
                      for k in sorted(set(saved) | set(built)) if saved.get(k) != built.get(k))
 
@@ -358,7 +348,6 @@ def load_training_checkpoint(path, module, model, optimizer=None, rank=0, world_
     if difference:  # before any weight is touched: say which sizes differ, both ways
         raise SystemExit(f"{path}: a checkpoint of another model: {difference}")
     if is_fsdp(module):
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
         set_state_dict(module, optimizer, model_state_dict={f"model.{k}": v for k, v in blob["model"].items()},
                        optim_state_dict=blob["optimizer"], options=StateDictOptions(full_state_dict=True))
     else:
@@ -377,8 +366,8 @@ def load_training_checkpoint(path, module, model, optimizer=None, rank=0, world_
 
 
 def resume_latest(out_dir, pattern, module, model, optimizer=None, rank=0, world_size=1, start=(0, 0)):
-    """--resume: load_training_checkpoint the newest `pattern` file of out_dir -> (path, dict, position), else
-    (None, None, start); an unreadable one (cut by a full disk) is named and passed over for the previous one."""
+    """--resume: the newest readable `pattern` checkpoint of out_dir loaded -> (path, dict, position), else
+    (None, None, start); an unreadable one (cut by a full disk) is named and passed over."""
     for path in reversed(checkpoints(out_dir, pattern)):
         try:
             return (path, *load_training_checkpoint(path, module, model, optimizer, rank, world_size))
@@ -426,16 +415,12 @@ def epochs(set_epoch, make_loader, start, name="data"):
 # ---------------------------------------------------------------------------------------------------------
 # Metrics and reports
 class MetricsLog:
-    """out_dir/metrics.jsonl, one JSON record per line. A resumed run keeps the lines up to its checkpoint's
-    step and drops a killed run's later ones; a fresh run starts an empty file. Rank 0 writes."""
+    """metrics.jsonl, a JSON record per line, written by rank 0 (enabled); a resumed run keeps the lines up to its
+    step, a fresh run starts empty."""
 
     def __init__(self, path, resumed_step=None, enabled=True):
-        self.path, self.enabled = path, enabled
-        if not enabled:
-            return
-        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        kept = []
-        if resumed_step is not None and os.path.exists(path):
+        self.path, self.enabled, kept = path, enabled, []
+        if enabled and resumed_step is not None and os.path.exists(path):
             with open(path) as f:
                 for number, line in enumerate(f, 1):
                     try:
@@ -443,8 +428,8 @@ class MetricsLog:
                             kept.append(line)
                     except json.JSONDecodeError:  # a line cut by a full disk or a power loss
                         print(f"warning: {path} line {number} is not a whole JSON record (a cut write); dropped")
-        with open(path, "w") as f:
-            f.writelines(kept)
+        if enabled:
+            pe_model.atomic_write(path, "".join(kept))
 
     def log(self, record):
         if self.enabled:

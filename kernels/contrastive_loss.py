@@ -1,61 +1,45 @@
 """Chunked all-gather CLIP contrastive loss: memory linear in the global batch.
 
-PE trains its CLIP stage with a global batch of 32K-64K pairs (Bolya et al. 2025, §2.1). The usual loss
-builds the B x B logit matrix (or b x B per rank in open_clip's "local loss"); at B = 65,536 that is
-16 GiB of fp32 logits before any gradient. This file computes the same loss, with the same gradients,
-while only one tile of logits exists at a time (the idea of Inf-CL, Cheng et al. 2024).
+PE trains its CLIP stage with a global batch of 32K-64K pairs (Bolya et al. 2025, §2.1). The usual loss builds the
+B x B logit matrix (or b x B per rank in open_clip's "local loss"): 16 GiB of fp32 logits at B = 65,536 before any
+gradient. This file computes the same loss, with the same gradients, while only one tile of logits exists at a time
+(the idea of Inf-CL, Cheng et al. 2024): memory holds the features (B, d), r and c (B,), A and C (B, d) below and
+one tile, nothing of size B x B or b x B, at the price of recomputing the logits in the backward.
 
 The loss. Image features I (B, d) and text features T (B, d) are L2-normalised; s is the logit scale (the
-multiplier: the caller passes `logit_scale.exp()`). Logits L_ij = s * I_i . T_j; pair i is the positive
-of row i and of column i. With the row and column log-sum-exps
-
-    r_i = log sum_j exp(L_ij)         (image -> text softmax normaliser)
-    c_j = log sum_i exp(L_ij)         (text -> image softmax normaliser)
-
-the symmetric CLIP loss (mean of the two cross-entropies) is
+multiplier: the caller passes `logit_scale.exp()`). Logits L_ij = s * I_i . T_j; pair i is the positive of row i
+and of column i. With the row and column log-sum-exps r_i = log sum_j exp(L_ij) and c_j = log sum_i exp(L_ij) (the
+image -> text and text -> image softmax normalisers), the symmetric CLIP loss (mean of the two cross-entropies) is
 
     loss = 1/(2B) * [ sum_i r_i + sum_j c_j - 2 * sum_i L_ii ].
 
-Forward: r and c tile by tile, with the online log-sum-exp of FlashAttention: per row a running maximum m
-and a running sum l of exp(L - m); for a new tile
-
-    m_new = max(m, max_j L_ij),    l = l * exp(m - m_new) + sum_j exp(L_ij - m_new),
-
-and at the end r_i = m + log l (the same for columns). Only r (B,) and c (B,) are saved.
+Forward: r and c tile by tile, with the online log-sum-exp of FlashAttention: per row a running maximum m and a
+running sum l of exp(L - m), for a new tile m_new = max(m, max_j L_ij), l = l * exp(m - m_new) + sum_j
+exp(L_ij - m_new), at the end r_i = m + log l (columns alike). Only r (B,) and c (B,) are saved.
 
 Backward: tiles recomputed from the saved log-sum-exps. With P_ij = exp(L_ij - r_i) (row softmax) and
-Q_ij = exp(L_ij - c_j) (column softmax), dloss/dL_ij = (P_ij + Q_ij - 2 [i == j]) / (2B). Each tile is
-reduced right away into the weighted sums
-
-    A_i = sum_j (P_ij + Q_ij) T_j          (B, d)
-    C_j = sum_i (P_ij + Q_ij) I_i          (B, d)
-
+Q_ij = exp(L_ij - c_j) (column softmax), dloss/dL_ij = (P_ij + Q_ij - 2 [i == j]) / (2B). Each tile is reduced
+right away into the weighted sums A_i = sum_j (P_ij + Q_ij) T_j and C_j = sum_i (P_ij + Q_ij) I_i (B, d each),
 from which, the diagonal (positive-pair) term being added outside the tiles,
 
     dloss/dI_i = s/(2B) * (A_i - 2 T_i)
     dloss/dT_j = s/(2B) * (C_j - 2 I_j)
     dloss/ds   = 1/(2B) * sum_i I_i . (A_i - 2 T_i)     (L depends on s and I only via s*I)
 
-Memory: the features (B, d), r and c (B,), A and C (B, d) and one tile of logits, nothing of size B x B or
-b x B. The price is compute: the backward recomputes the logits (the reference does 4 matmul-sized passes
-where the naive loss does 3; the Triton kernels, rows and columns in separate launches, do 6).
+Distributed. With `group` set, rank k holds b_k pairs (sizes may differ between ranks). The text features of every
+rank are all-gathered (B, d); each rank owns the rows of its own images: it computes r_i for its rows over all B
+columns, and a partial c_j over its rows, combined across ranks with an all-reduce of (max, sum of exp). In the
+backward, A_i of its rows is complete locally, while its partial C_j over all B texts is reduce-scattered (summed)
+to the rank that owns text j. Every rank does B * b_k of the B^2 tile work.
 
-Distributed. With `group` set, rank k holds b_k pairs (sizes may differ between ranks). The text
-features of every rank are all-gathered (B, d); each rank owns the rows of its own images: it computes
-r_i for its rows over all B columns, and a partial c_j over its rows, combined across ranks with an
-all-reduce of (max, sum of exp). In the backward, A_i of its rows is complete locally, while its partial
-C_j over all B texts is reduce-scattered (summed) to the rank that owns text j. Every rank does B * b_k
-of the B^2 tile work.
+Gradient convention (the one DDP needs): DDP averages parameter gradients over ranks, so each rank returns
+world_size x its slice of the full-batch feature gradients, and world_size x its share of the scale gradient;
+after DDP's averaging the parameter gradients equal those of the single-process full-batch loss. The returned
+loss is the full global loss on every rank.
 
-Gradient convention (the one DDP needs): DDP averages parameter gradients over ranks, so each rank
-returns world_size x its slice of the full-batch feature gradients, and world_size x its share of the
-scale gradient; after DDP's averaging the parameter gradients equal those of the single-process
-full-batch loss. The returned loss is the full global loss on every rank.
-
-Paths: `contrastive_loss_reference`, pure PyTorch, the same tiling and memory bound (the CPU path and the
-readable statement of what the kernels compute); `contrastive_loss_triton`, two Triton kernels as
-torch.library custom ops (torch.compile traces through them), fp32 accumulation, any B and d, fp32/bf16/fp16
-inputs; `contrastive_loss`, Triton for CUDA tensors or under TRITON_INTERPRET=1, the reference otherwise.
+Paths: `contrastive_loss_reference` (pure PyTorch, the same tiling and memory bound: the CPU path and the readable
+statement of what the kernels compute), `contrastive_loss_triton` (two Triton kernels as torch.library custom ops,
+fp32 accumulation, any B and d, fp32/bf16/fp16 inputs) and `contrastive_loss`, which picks one.
 Tests: python -m pytest -q tests/test_contrastive_loss.py    Benchmark: python bench/contrastive_loss.py
 """
 
@@ -63,6 +47,7 @@ import os
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 
 import triton
 import triton.language as tl
@@ -97,14 +82,12 @@ def _gather_batch_sizes(local_batch, dim, device, group):
 
 
 def _all_gather_rows(local, sizes, group):
-    """(b_k, d) on rank k -> (B, d) on every rank, B = sum(sizes). Padded to max(sizes) for the
+    """(b_k, d) on rank k -> (B, d) on every rank, B = sum(sizes); padded with zero rows to max(sizes) for the
     collective, since all_gather needs equal shapes."""
     world_size, _ = _group_info(group)
     if world_size == 1:
         return local
-    max_rows = max(sizes)
-    padded = local.new_zeros(max_rows, local.shape[1])
-    padded[: local.shape[0]] = local
+    padded = F.pad(local, (0, 0, 0, max(sizes) - local.shape[0]))
     gathered = [torch.empty_like(padded) for _ in range(world_size)]
     dist.all_gather(gathered, padded, group=group)
     return torch.cat([rows[:n] for rows, n in zip(gathered, sizes)])  # (B, d)
@@ -116,11 +99,7 @@ def _reduce_scatter_rows(full, sizes, group):
     if world_size == 1:
         return full
     max_rows = max(sizes)
-    chunks = []
-    for rows in full.split(sizes):
-        padded = full.new_zeros(max_rows, full.shape[1])
-        padded[: rows.shape[0]] = rows
-        chunks.append(padded)
+    chunks = [F.pad(rows, (0, 0, 0, max_rows - rows.shape[0])) for rows in full.split(sizes)]  # equal shapes
     mine = full.new_empty(max_rows, full.shape[1])
     dist.reduce_scatter(mine, chunks, group=group)
     return mine[: sizes[rank]]
@@ -141,6 +120,13 @@ def _logsumexp_across_ranks(partial_lse, group):
 # -----------------------------------------------------------------------------
 # The tile computations, PyTorch reference. image (b, d) = this rank's rows; text_all (B, d).
 
+def _tiles(n_rows, n_cols, size):
+    """(rows, cols) slices of the (size, size) tiles of an n_rows x n_cols matrix, row by row."""
+    for row in range(0, n_rows, size):
+        for col in range(0, n_cols, size):
+            yield slice(row, row + size), slice(col, col + size)
+
+
 def _tile_lse_reference(image, text_all, scale, chunk_size):
     """Row log-sum-exps r (b,) over all B columns and partial column log-sum-exps (B,) over the
     b local rows, one (chunk, chunk) tile of logits at a time."""
@@ -148,45 +134,37 @@ def _tile_lse_reference(image, text_all, scale, chunk_size):
     text_all = text_all.float()
     lse_rows = image.new_full((image.shape[0],), float("-inf"))
     lse_cols = image.new_full((text_all.shape[0],), float("-inf"))
-    for row in range(0, image.shape[0], chunk_size):
-        rows = slice(row, row + chunk_size)
-        for col in range(0, text_all.shape[0], chunk_size):
-            cols = slice(col, col + chunk_size)
-            logits = image[rows] @ text_all[cols].T                  # (chunk, chunk)
-            lse_rows[rows] = torch.logaddexp(lse_rows[rows], logits.logsumexp(1))
-            lse_cols[cols] = torch.logaddexp(lse_cols[cols], logits.logsumexp(0))
+    for rows, cols in _tiles(image.shape[0], text_all.shape[0], chunk_size):
+        logits = image[rows] @ text_all[cols].T                  # (chunk, chunk)
+        lse_rows[rows] = torch.logaddexp(lse_rows[rows], logits.logsumexp(1))
+        lse_cols[cols] = torch.logaddexp(lse_cols[cols], logits.logsumexp(0))
     return lse_rows, lse_cols
 
 
 def _tile_directions_reference(image, text_all, scale, lse_rows, lse_cols, offset, chunk_size):
     """A_i - 2 T_i for the local rows (b, d) and the partial C_j = sum_{local i} (P_ij + Q_ij) I_i for all
     columns (B, d), less 2 I_j on this rank's own columns (from `offset` on), tiles recomputed."""
-    image = image.float()
-    text_all = text_all.float()
+    image, text_all = image.float(), text_all.float()
     scaled_image = image * scale
-    row_sums = torch.zeros_like(image)        # A (b, d)
-    col_sums = torch.zeros_like(text_all)     # C (B, d)
-    for row in range(0, image.shape[0], chunk_size):
-        rows = slice(row, row + chunk_size)
-        for col in range(0, text_all.shape[0], chunk_size):
-            cols = slice(col, col + chunk_size)
-            logits = scaled_image[rows] @ text_all[cols].T           # (chunk, chunk)
-            weights = torch.exp(logits - lse_rows[rows, None])      # P
-            weights += logits.sub_(lse_cols[None, cols]).exp_()     # + Q (in place: CPU time)
-            row_sums[rows].addmm_(weights, text_all[cols])          # += (chunk, chunk) @ (chunk, d)
-            col_sums[cols].addmm_(weights.T, image[rows])
+    row_sums, col_sums = torch.zeros_like(image), torch.zeros_like(text_all)  # A (b, d), C (B, d)
+    for rows, cols in _tiles(image.shape[0], text_all.shape[0], chunk_size):
+        logits = scaled_image[rows] @ text_all[cols].T           # (chunk, chunk)
+        weights = torch.exp(logits - lse_rows[rows, None])      # P
+        weights += logits.sub_(lse_cols[None, cols]).exp_()     # + Q (in place: CPU time)
+        row_sums[rows].addmm_(weights, text_all[cols])          # += (chunk, chunk) @ (chunk, d)
+        col_sums[cols].addmm_(weights.T, image[rows])
     row_sums.sub_(text_all[offset: offset + image.shape[0]], alpha=2)    # the positive pairs
     col_sums[offset: offset + image.shape[0]].sub_(image, alpha=2)
     return row_sums, col_sums
 
 
 # -----------------------------------------------------------------------------
-# The tile computations, Triton. One kernel does "rows against columns"; each is launched twice with the
-# roles of images and texts swapped (L^T = s T I^T), which gives the columns' quantities without atomics.
-# Grid: axis 0 the row blocks, axis 1 splits of the columns (as flash-decoding splits the keys), so that a
-# small local batch against a large global one still fills the GPU; the splits' partial log-sum-exps and
-# partial sums are combined afterwards. PRECISION: "tf32x3" for fp32 features (tensor cores,
-# fp32-accurate); 16-bit features take 16-bit tensor-core products, exact in the fp32 accumulator.
+# The tile computations, Triton. One kernel does "rows against columns"; each is launched twice with the roles of
+# images and texts swapped (L^T = s T I^T), which gives the columns' quantities without atomics. Grid: axis 0 the
+# row blocks, axis 1 splits of the columns (as flash-decoding splits the keys), so that a small local batch against
+# a large global one still fills the GPU; the splits' partial log-sum-exps and sums are combined afterwards.
+# PRECISION: "tf32x3" for fp32 features (tensor cores, fp32-accurate); 16-bit features take 16-bit tensor-core
+# products, exact in the fp32 accumulator.
 
 @triton.jit
 def _tile_dots(rows_ptr, cols_ptr, row_offsets, col_offsets, row_valid, col_valid, dim, BLOCK: tl.constexpr,
@@ -254,11 +232,11 @@ def _direction_kernel(rows_ptr, cols_ptr, scale_ptr, lse_rows_ptr, lse_cols_ptr,
     """out[split, i] = sum_{j in split} W_ij cols[j], W_ij = exp(L_ij - lse_rows[i]) + exp(L_ij - lse_cols[j])
     - 2 [j == i + diag_offset], L_ij = s rows[i] . cols[j].
 
-    The positive pair's -2 is subtracted inside the tile, in fp32, where P_ii + Q_ii - 2 is small and exact;
-    added later it would cancel against a rounded P_ii + Q_ii near 2. The (BLOCK, d) sum stays in registers
-    when d fits one BLOCK_D slice (ONE_SLICE); a larger d (PE: 1024-1280) does not fit, and each slice is
-    added to this program's own rows of `out` (zeros) instead, with a barrier that orders the threads' stores
-    before the next tile's loads of the same addresses."""
+    The positive pair's -2 is subtracted inside the tile, in fp32, where P_ii + Q_ii - 2 is small and exact; added
+    later it would cancel against a rounded P_ii + Q_ii near 2. The (BLOCK, d) sum stays in registers when d fits
+    one BLOCK_D slice (ONE_SLICE); a larger d (PE: 1024-1280) does not fit, and each slice is added to this
+    program's own rows of `out` (zeros) instead, with a barrier ordering the threads' stores before the next
+    tile's loads of the same addresses."""
     rows = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     row_valid = rows < n_rows
     row_offsets = rows.to(tl.int64) * dim
@@ -316,9 +294,9 @@ def _kernel_args(dtype, dim, block):
 
 
 def _column_splits(n_rows, n_cols, block, programs):
-    """(splits, columns per split) for grid axis 1: enough (row block, split) programs to fill `programs`,
-    each split at least one column tile, and at most max(1, n_cols // n_rows) splits, so that the partial
-    results (splits x n_rows) stay within the size of the columns: memory linear in the batch."""
+    """(splits, columns per split) for grid axis 1: enough (row block, split) programs to fill `programs`, each
+    split at least one column tile, and at most max(1, n_cols // n_rows) splits, so that the partial results
+    (splits x n_rows) stay within the size of the columns: memory linear in the batch."""
     row_blocks, col_tiles = triton.cdiv(n_rows, block), triton.cdiv(n_cols, block)
     splits = max(1, min(triton.cdiv(programs, row_blocks), col_tiles, n_cols // max(n_rows, 1)))
     tiles_per_split = triton.cdiv(col_tiles, splits)
@@ -426,8 +404,7 @@ class _GlobalContrastiveLoss(torch.autograd.Function):
                                                            sum(ctx.sizes[:rank]), ctx.tile_size)  # (b, d), (B, d)
         text_direction = _reduce_scatter_rows(text_directions, ctx.sizes, ctx.group)  # (b, d): C_j - 2 I_j
 
-        # world_size x (the full-batch gradient): DDP's average over ranks then gives the full one.
-        # In-place updates of the (b, d) buffers keep the peak memory down.
+        # world_size x (the full-batch gradient), which DDP averages over ranks; in place: less peak memory
         coef = grad_loss.float() * world_size / (2 * sum(ctx.sizes))
         grad_scale = coef * torch.vdot(image_features.float().flatten(), image_direction.flatten())
         grad_image = image_direction.mul_(coef * scale)                           # s (A_i - 2 T_i)
@@ -451,17 +428,16 @@ def _check_inputs(image_features, text_features, logit_scale):
 def contrastive_loss_reference(image_features, text_features, logit_scale, group=None, chunk_size=1024):
     """Symmetric CLIP loss over the global batch, pure PyTorch, (chunk_size, chunk_size) tiles.
 
-    image_features, text_features: (b, d) L2-normalised features of this rank; logit_scale: the
-    multiplier (already exp'd), a one-element tensor. group: a torch.distributed process group to
-    gather over (None = this process only). Returns the global loss (fp32 scalar); see the module
-    docstring for the gradient convention."""
+    image_features, text_features: (b, d) L2-normalised features of this rank; logit_scale: the multiplier (already
+    exp'd), a one-element tensor. group: a torch.distributed process group to gather over (None = this process
+    only). Returns the global loss (fp32 scalar); the module docstring has the gradient convention."""
     _check_inputs(image_features, text_features, logit_scale)
     return _GlobalContrastiveLoss.apply(image_features, text_features, logit_scale, group, False, chunk_size)
 
 
 def contrastive_loss_triton(image_features, text_features, logit_scale, group=None, block_size=64):
-    """The same loss with the Triton tile kernels (CUDA tensors, or CPU tensors under
-    TRITON_INTERPRET=1). block_size: rows and columns per tile, a power of two in [16, MAX_BLOCK]."""
+    """The same loss with the Triton tile kernels (CUDA tensors, or CPU tensors under TRITON_INTERPRET=1).
+    block_size: rows and columns per tile, a power of two in [16, MAX_BLOCK]."""
     _check_inputs(image_features, text_features, logit_scale)
     if not 16 <= block_size <= MAX_BLOCK or block_size & (block_size - 1):
         raise ValueError(f"contrastive_loss_triton: block_size must be a power of two in [16, {MAX_BLOCK}] "
@@ -473,8 +449,7 @@ def contrastive_loss_triton(image_features, text_features, logit_scale, group=No
 
 
 def contrastive_loss(image_features, text_features, logit_scale, group=None):
-    """CLIP loss over the global batch: the Triton path for CUDA tensors or under
-    TRITON_INTERPRET=1, the PyTorch reference otherwise. group=None: single process."""
+    """CLIP loss over the global batch: Triton for CUDA tensors or under TRITON_INTERPRET=1, else the reference."""
     if image_features.is_cuda or _triton_interpret():
         return contrastive_loss_triton(image_features, text_features, logit_scale, group)
     return contrastive_loss_reference(image_features, text_features, logit_scale, group)

@@ -1,9 +1,9 @@
 """Fused 2D-RoPE attention: softmax(rot(q) rot(k)^T / sqrt(D)) v in Triton kernels, forward and backward.
 
-Every block of PE's vision tower (Bolya et al. 2025, arXiv 2504.13181; official code:
-core/vision_encoder/rope.py and pe.py of facebookresearch/perception_models) rotates q and k with 2D RoPE,
-then runs attention. Here the rotation is one Triton pass per tensor around a flash-attention kernel
-(FlashAttention-2, Dao 2023), and the backward's inverse rotation happens in registers.
+Every block of PE's vision tower (Bolya et al. 2025, arXiv 2504.13181; official code: core/vision_encoder/rope.py
+and pe.py of facebookresearch/perception_models) rotates q and k with 2D RoPE, then runs attention. Here the
+rotation is one Triton pass per tensor around a flash-attention kernel (FlashAttention-2, Dao 2023), and the
+backward's inverse rotation happens in registers.
 
     rope_attention(q, k, v, angles)            q, k, v (B, H, N, D); angles (N, D) float32 -> (B, H, N, D)
     rope_attention_reference(q, k, v, angles)  the same in plain PyTorch: rope_apply, then SDPA
@@ -11,38 +11,29 @@ then runs attention. Here the rotation is one Triton pass per tensor around a fl
     rope_apply(x, angles)                      the rotation itself, x (..., N, D) -> same shape and dtype
     rope_angles_2d(grid_h, grid_w, head_dim, use_cls_token, device=None)   the official (N, D) angle table
 
-`rope_attention` runs the Triton kernels for CUDA tensors and under TRITON_INTERPRET=1 (Triton's CPU
-interpreter, used by the tests), the reference otherwise; also, on CUDA, for head dims the kernels do not
-take (warning once) and for float32 (FP32_CUDA_PATH: SDPA's exact float32 kernel, until the tf32x3 tiles
-are measured faster). The custom ops let torch.compile trace a model through them without a graph break.
+`rope_attention` takes the Triton kernels for CUDA tensors and under TRITON_INTERPRET=1 (the tests), the reference
+otherwise, and on CUDA for head dims the kernels do not take (warning once) and for float32 (FP32_CUDA_PATH).
 Tests: python -m pytest -q tests/test_rope_attention.py    Benchmark: python bench/rope_attention.py
 
 The rotation (the official convention). Adjacent pairs (2i, 2i+1) share one angle a_i:
     out[2i]   = t[2i]   cos a_i - t[2i+1] sin a_i
     out[2i+1] = t[2i+1] cos a_i + t[2i]   sin a_i
-i.e. each pair is the complex number t[2i] + i t[2i+1] multiplied by exp(i a_i). It is computed in float32
-and the result cast back to the input dtype, as the official code does. The first half of D holds column
-angles x f_j, the second half row angles y f_j, f_j = 10000^(-4j/D); a class token has a row of zeros.
+in float32, cast back to the input dtype, as the official code does. The first half of D holds column angles
+x f_j, the second half row angles y f_j, f_j = 10000^(-4j/D); a class token has a row of zeros.
 
-Where the rotation happens. The (N, D) angle table becomes (N, D/2) cos and sin tables (one angle per pair,
-column 2i; cached per table, so one table per grid and device serves every block). A tile's even and odd
-halves are rotated in float32 and cast to the input dtype: the tensor cores see the operands that
-rotate-then-attend would. Each tile is rotated once, never inside a flash loop:
-  * forward: a rotation kernel writes rot(k) (contiguous, input dtype); one program per (query block,
-    batch*head) rotates its q tile in registers, then loops over the rot(k) blocks with the online softmax
-    (running max m, running sum l, exp2 with log2(e) folded into the scale). Stores O and the
-    log-sum-exp LSE = m + log2(l) (base 2, float32, (B*H, N)).
-  * backward: rot(q) and rot(k) are written again (recomputed, not saved). dq kernel: one program per
-    query block; stores Delta = rowsum(dO * O) for its rows, then loops over key blocks recomputing
-    P = exp2(S - LSE): d rot(q) += scale * dS rot(k), dS = P * (dO v^T - Delta). dk/dv kernel (after the
-    dq kernel, reads its Delta): one program per key block, loops over query blocks: dv += P^T dO,
-    d rot(k) += scale * dS^T rot(q). The rotation is orthogonal, so dq = rot(d rot(q), -angles) (the
-    transpose; dk alike), applied once to the float32 sums, in registers, before dq and dk are stored.
-Saved for backward: q, k, v (unrotated, the caller's tensors or strided views of a fused qkv), O, LSE and
-the angle table. Rows beyond N are masked; key columns beyond N get score -inf (forward) or probability 0
-(backward). A head dim that is not a power of two (96 for PE-G) is padded with zeros.
-Bytes moved (T = B*H*N*D elements per tensor, s bytes each, rotations included): 6 T s forward, 12 T s
-backward; rope_apply + SDPA 8 T s and 12 T s plus float32 temporaries, and it keeps rot(q), rot(k).
+The kernels read (N, D/2) cos and sin tables (one angle per pair, cached per angle table). Each tile is rotated
+once, in float32, and rounded to the input dtype, so the tensor cores see what rotate-then-attend would:
+  * forward: a rotation kernel writes rot(k); one program per (query block, batch*head) rotates its q tile in
+    registers, then loops over the rot(k) blocks with the online softmax (exp2, log2(e) folded into the scale).
+    Stores O and the base-2 log-sum-exp LSE (float32, (B*H, N)).
+  * backward: rot(q) and rot(k) are recomputed. dq kernel, one program per query block: stores Delta =
+    rowsum(dO * O), loops over key blocks recomputing P = exp2(S - LSE), dS = P * (dO v^T - Delta),
+    d rot(q) += scale * dS rot(k). dk/dv kernel (after it, reading Delta), one program per key block:
+    dv += P^T dO, d rot(k) += scale * dS^T rot(q). The rotation is orthogonal, so dq = rot(d rot(q), -angles)
+    (dk alike), applied in registers before dq and dk are stored.
+Saved for backward: q, k, v (unrotated: views of a fused qkv stay views), O, LSE and the angle table. Rows beyond
+N are masked; key columns beyond N get score -inf (forward) or probability 0 (backward). A head dim that is not
+a power of two (96 for PE-G) is padded with zeros.
 """
 
 import math
@@ -61,12 +52,9 @@ from triton.runtime.interpreter import InterpretedFunction
 # Reference (plain PyTorch): the CPU path, the readable statement of what the kernels compute.
 
 def rope_angles_2d(grid_h, grid_w, head_dim, use_cls_token, theta=10000.0, device=None):
-    """The official 2D-RoPE angle table (Rope2D in the official rope.py), shape (N, head_dim) float32.
-
-    N = grid_h * grid_w (+1 with a class token, placed first with angle 0). Tokens are the patch grid in
-    row-major order. Grid indices start at 1 with a class token and at 0 without one (official quirk).
-    Built on `device` with the same bits everywhere: only the frequencies (a pow) come from the CPU.
-    """
+    """The official 2D-RoPE angle table (Rope2D in the official rope.py), (N, head_dim) float32: the patch grid in
+    row-major order, N = grid_h * grid_w, +1 with a class token first (angle 0). Grid indices start at 1 with a
+    class token, else at 0 (official quirk). The same bits on any device: only the frequencies (a pow) use the CPU."""
     if head_dim % 4 != 0:
         raise ValueError(f"rope_angles_2d: head_dim={head_dim} must be a multiple of 4 (two axes, pairs)")
     # head_dim/4 frequencies per axis: theta^(-2j / (head_dim/2)) = theta^(-4j / head_dim) (not 1D RoPE's)
@@ -74,10 +62,9 @@ def rope_angles_2d(grid_h, grid_w, head_dim, use_cls_token, theta=10000.0, devic
     start = 1 if use_cls_token else 0
     y, x = torch.meshgrid(torch.arange(grid_h, dtype=torch.float32, device=device) + start,
                           torch.arange(grid_w, dtype=torch.float32, device=device) + start, indexing="ij")
-    x_angles = x.reshape(-1, 1) * freqs  # (gh*gw, head_dim/4): column index times each frequency
-    y_angles = y.reshape(-1, 1) * freqs
-    # each angle twice (interleaved pairs); column angles fill the first half of the head dim, rows the second
-    angles = torch.cat([x_angles.repeat_interleave(2, dim=-1), y_angles.repeat_interleave(2, dim=-1)], dim=-1)
+    # (gh*gw, head_dim/4) each: column (then row) index times each frequency, each angle twice (interleaved
+    # pairs); column angles fill the first half of the head dim, rows the second
+    angles = torch.cat([(axis.reshape(-1, 1) * freqs).repeat_interleave(2, dim=-1) for axis in (x, y)], dim=-1)
     if use_cls_token:
         angles = torch.cat([angles.new_zeros(1, head_dim), angles], dim=0)  # (N, head_dim), class row = identity
     return angles
@@ -102,11 +89,10 @@ def rope_attention_reference(q, k, v, angles):
 
 
 # ---------------------------------------------------------------------------------------------------
-# Triton kernels. program_id(0) is the batch*head index (CUDA's grid axes 1 and 2 stop at 65,535),
-# program_id(1) the row block. q, k, v (and dO) are read with the caller's (batch, head, row) strides, the
-# last one being 1; rot(q), rot(k), O, dq, dk, dv are contiguous (B, H, N, D).
-# DOT_DTYPE is the operand type of tl.dot: the input dtype on a GPU; float32 under the interpreter, whose
-# tl.dot cannot multiply bfloat16, with the operands still rounded to the input dtype first.
+# Triton kernels. program_id(0) is the batch*head index (CUDA's grid axes 1 and 2 stop at 65,535), program_id(1)
+# the row block. q, k, v (and dO) are read with the caller's (batch, head, row) strides, the last one being 1;
+# rot(q), rot(k), O, dq, dk, dv are contiguous (B, H, N, D). DOT_DTYPE is the operand type of tl.dot: the input
+# dtype on a GPU; float32 under the interpreter (its tl.dot cannot multiply bfloat16), operands still rounded.
 
 @triton.jit
 def _load_rows(PTR, offs_rows, mask_rows, offs_cols, mask_cols, row_stride):
@@ -263,10 +249,8 @@ def _rope_attn_bwd_dkdv_kernel(QR, KR, V, COS, SIN, DO, LSE, DELTA, DK, DV, stri
 # ---------------------------------------------------------------------------------------------------
 # Launching. The head dim is a compile-time constant; on a GPU each kernel is autotuned over a few tile
 # shapes, keyed on N and the head dim; under the interpreter the tile shape is fixed (_blocks).
-
-# (BLOCK_M, BLOCK_N, num_warps, num_stages, lowest compute capability). Every config compiles for sm_80 and
-# sm_90 within shared memory and, in bf16 at head dim 64, without register spills on the GPUs it is tuned on
-# (tests/test_rope_attention.py compiles them all); those marked 90 spill on sm_80 and are tuned on Hopper.
+# _CONFIGS: (BLOCK_M, BLOCK_N, num_warps, num_stages, lowest compute capability); every config fits sm_80 and
+# sm_90 shared memory (tests/test_rope_attention.py compiles them all); those marked 90 spill on sm_80.
 _CONFIGS = {"fwd": [(128, 64, 4, 3, 80), (128, 64, 8, 3, 80), (128, 32, 4, 3, 80), (64, 64, 4, 3, 80),
                     (128, 128, 8, 2, 80), (64, 32, 4, 2, 80)],  # a tall query block, the keys stream through
             # dq: programs own BLOCK_M query rows. dk/dv: programs own BLOCK_N key rows, two accumulators.
@@ -277,19 +261,13 @@ _CONFIGS = {"fwd": [(128, 64, 4, 3, 80), (128, 64, 8, 3, 80), (128, 32, 4, 3, 80
 # float32 operands: tensor cores through tf32x3 (three tf32 products per fp32 one, float32-accurate)
 _FP32_CONFIGS = {"fwd": [(64, 32, 8, 2, 80), (32, 32, 8, 2, 80)], "dq": [(64, 32, 8, 2, 80), (32, 32, 8, 2, 80)],
                  "dkdv": [(32, 32, 4, 2, 80), (32, 32, 8, 2, 80)], "rot": _CONFIGS["rot"]}
-# float32 CUDA tensors in rope_attention: "reference" (rope_apply + SDPA's memory-efficient kernel, exact
-# float32) or "triton" (tf32x3). The reference until bench/gpu_check.sh measures the Triton path faster.
+# float32 CUDA tensors in rope_attention: "reference" (rope_apply + SDPA, exact float32) or "triton" (tf32x3)
 FP32_CUDA_PATH = "reference"
 _INTERPRETER_BLOCK_M = 128
 _launchers, _tables, _warned = {}, {}, set()
 _TL_DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
 _KERNELS = {"fwd": _rope_attn_fwd_kernel, "dq": _rope_attn_bwd_dq_kernel, "dkdv": _rope_attn_bwd_dkdv_kernel,
             "rot": _rope_rotate_kernel}
-
-
-def _interpreting():
-    """Whether the caller asked for Triton's CPU interpreter (the dispatch rule of rope_attention)."""
-    return os.environ.get("TRITON_INTERPRET") == "1"
 
 
 def _interpreted():
@@ -383,21 +361,20 @@ def _check_inputs(q, k, v, angles):
         raise ValueError(f"rope_attention: q, k, v, angles on different devices: "
                          f"{q.device}, {k.device}, {v.device}, {angles.device}")
     if not (q.is_cuda or _interpreted()):
-        late = " (it is set, but only after triton was imported)" if _interpreting() else ""
+        late = " (set, but after triton was imported)" if os.environ.get("TRITON_INTERPRET") == "1" else ""
         raise RuntimeError(f"rope_attention_triton: {q.device} tensors need Triton's interpreter: set "
                            f"TRITON_INTERPRET=1 in the environment before the first `import triton`{late}")
 
 
 def _unit_last_stride(*tensors):
-    """The tensors as they are if they share strides with a unit last stride (e.g. q, k, v as views of
-    one fused qkv projection: no copy), else contiguous copies."""
+    """The tensors as they are if they share strides, the last 1 (e.g. views of a fused qkv: no copy), else copies."""
     if all(t.stride() == tensors[0].stride() for t in tensors) and tensors[0].stride(-1) == 1:
         return tensors
     return tuple(t.contiguous() for t in tensors)
 
 
-# The kernels as torch.library custom ops (torch.compile traces around them with the fake implementations),
-# the backward registered as the forward's autograd formula.
+# The kernels as torch.library custom ops (torch.compile traces through them without a graph break, by the fake
+# implementations), the backward registered as the forward's autograd formula.
 
 @torch.library.custom_op("pe_kernels::rope_attention_fwd", mutates_args=())
 def _fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -449,7 +426,6 @@ def _(q, k, v, angles, o, lse, do):
 
 
 def _setup_context(ctx, inputs, output):
-    # saved: q, k, v as given (unrotated; views of a fused qkv stay views), the angle table, O and LSE
     ctx.save_for_backward(*inputs, *output)
 
 
@@ -469,10 +445,9 @@ def rope_attention_triton(q, k, v, angles):
 
 
 def rope_attention(q, k, v, angles):
-    """softmax(rot(q) rot(k)^T / sqrt(D)) v, q, k, v (B, H, N, D), angles (N, D) -> (B, H, N, D); the path
-    is _route's (module docstring)."""
+    """softmax(rot(q) rot(k)^T / sqrt(D)) v, q, k, v (B, H, N, D), angles (N, D) -> (B, H, N, D), by _route."""
     D = q.shape[-1]
-    if _route(q.is_cuda, _interpreting(), D, q.dtype) == "triton":
+    if _route(q.is_cuda, os.environ.get("TRITON_INTERPRET") == "1", D, q.dtype) == "triton":
         return rope_attention_triton(q, k, v, angles)
     if q.is_cuda and _unsupported(D) and D not in _warned:
         _warned.add(D)

@@ -1,8 +1,7 @@
 """
-align_lang.py: language alignment (PE lang, paper §4): a PE-core vision tower cut at its best language layer,
-a projector and a Llama-style decoder, trained by next-token prediction on answers in the two stages of the
-official PLM recipe (facebookresearch/perception_models, apps/plm); the tower is then exported alone, in the
-official PE-Lang layout.
+align_lang.py: language alignment (PE lang, paper §4): a PE-core vision tower cut at its best language layer, a
+projector and a Llama-style decoder, trained by next-token prediction on answers in the two stages of the official PLM
+recipe (facebookresearch/perception_models, apps/plm); the tower is then exported alone, in the official PE-Lang layout.
 
   * Vision: the core's first N blocks (default all but the last, as PE-Lang keeps 23 of L's 24 and 47 of G's
     50), patch tokens, headless; frozen in stage 1, trained in stage 2 with new LayerScale 0.1, drop path 0.1.
@@ -157,8 +156,7 @@ class Attention(nn.Module):
         q, k, v = (w(x).view(batch, length, -1, self.head_dim).transpose(1, 2) for w in (self.wq, self.wk, self.wv))
         q, k = rope_apply(q, angles), rope_apply(k, angles)  # (B, H, L, hd)
         if self.n_kv_heads != self.n_heads:  # grouped-query attention: each k/v head serves n_heads/n_kv queries
-            k = k.repeat_interleave(self.n_heads // self.n_kv_heads, dim=1)
-            v = v.repeat_interleave(self.n_heads // self.n_kv_heads, dim=1)
+            k, v = (t.repeat_interleave(self.n_heads // self.n_kv_heads, dim=1) for t in (k, v))
         out = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # (B, H, L, hd)
         return self.wo(out.transpose(1, 2).reshape(batch, length, -1))
 
@@ -207,9 +205,8 @@ class Llama(nn.Module):
 
     def forward_embeds(self, h):
         """Input embeddings (B, L, dim) -> final hidden states after the last norm (B, L, dim). Causal."""
-        args = self.args
-        angles = llama_rope_angles(h.shape[1], args.dim // args.n_heads, args.rope_theta, args.use_scaled_rope,
-                                   args.rope_scaling_factor, h.device)
+        angles = llama_rope_angles(h.shape[1], self.args.dim // self.args.n_heads, self.args.rope_theta,
+                                   self.args.use_scaled_rope, self.args.rope_scaling_factor, h.device)
         for layer in self.layers:
             h = layer(h, angles)
         return self.norm(h)
@@ -282,9 +279,8 @@ def build_vision_tower(state_dict, vision_cfg, layers, ls_init_value=None, drop_
         raise SystemExit(f"--vision_layers={layers}: the checkpoint's tower has {depth} blocks (1..{depth})")
     config = pe_model.headless_config(vision_cfg, layers=layers, ls_init_value=ls_init_value, drop_path=drop_path)
     tower = pe_model.build_model({"model_class": "VisionTransformer", "vision_cfg": config})
-    state = dict(state_dict)
-    state.update({k: v for k, v in tower.state_dict().items() if k.endswith(".gamma") and k not in state})
-    return pe_model.load_checkpoint(tower, state, strict=True, truncate=True, drop_head=True, name=label)
+    new = {k: v for k, v in tower.state_dict().items() if k.endswith(".gamma") and k not in state_dict}
+    return pe_model.load_checkpoint(tower, state_dict | new, strict=True, truncate=True, drop_head=True, name=label)
 
 
 class MLPProjector(nn.Module):
@@ -335,8 +331,7 @@ class VLM(nn.Module):
 
 def answer_loss(vlm, input_ids, targets, image_embeds=None):
     """Mean next-token cross-entropy over the answer positions (targets != -100) only; image_embeds None: text."""
-    hidden = vlm.hidden_states(input_ids, image_embeds)
-    keep = targets != -100
+    hidden, keep = vlm.hidden_states(input_ids, image_embeds), targets != -100
     return F.cross_entropy(vlm.lm.output(hidden[keep]).float(), targets[keep])
 
 
@@ -348,14 +343,10 @@ class ClipTokenizer:
 
     def __init__(self, vocab=None):
         self.bpe, self.vocab, self.cache = pe_model.get_tokenizer(), vocab, {}  # cache: the training texts repeat
-        if vocab is None:
-            self.pad_id, self.bos_id, self.eos_id, self.unk_id = (pe_model.PAD_TOKEN_ID, pe_model.SOT_TOKEN_ID,
-                                                                  pe_model.EOT_TOKEN_ID, None)
-            self.vocab_size = self.bpe.vocab_size
-        else:
-            self.pad_id, self.bos_id, self.eos_id, self.unk_id = 0, 1, 2, 3
-            self.to_lm = {clip_id: i for i, clip_id in enumerate(vocab)}
-            self.vocab_size = len(vocab)
+        clip_specials = (pe_model.PAD_TOKEN_ID, pe_model.SOT_TOKEN_ID, pe_model.EOT_TOKEN_ID, None)
+        self.pad_id, self.bos_id, self.eos_id, self.unk_id = clip_specials if vocab is None else (0, 1, 2, 3)
+        self.to_lm = {clip_id: i for i, clip_id in enumerate(vocab or ())}
+        self.vocab_size = self.bpe.vocab_size if vocab is None else len(vocab)
 
     def encode(self, text):
         if text not in self.cache:
@@ -375,9 +366,8 @@ def build_vocab(texts):
 
 
 # Llama 3's tokenizer (the tiktoken format, written here: no dependency): tokenizer.model lists each token as
-# "base64(bytes) rank", the rank its id and merge priority; a text is split by this pattern, then each piece's
-# bytes are merged, lowest-ranked adjacent pair first. 256 special tokens follow: <|begin_of_text|>,
-# <|end_of_text|>, two reserved, <|finetune_right_pad_id|>, ...
+# "base64(bytes) rank", the rank its id and merge priority; a text is split by this pattern, each piece merged
+# by _bpe. 256 special tokens follow: <|begin_of_text|>, <|end_of_text|>, two reserved, <|finetune_right_pad_id|>...
 LLAMA3_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|"
                   r"\s*[\r\n]+|\s+(?!\S)|\s+")
 
@@ -387,7 +377,6 @@ class Llama3Tokenizer:
 
     def __init__(self, path):
         import regex  # \p{L} / \p{N} classes, as pe_model's CLIP tokenizer
-
         self.ranks = {}
         with open(path, "rb") as f:
             for number, line in enumerate(f, 1):
@@ -401,7 +390,7 @@ class Llama3Tokenizer:
             raise ValueError(f"{path}: the ranks are not 0..{len(self.ranks) - 1}, each once")
         if any(bytes([b]) not in self.ranks for b in range(256)):
             raise ValueError(f"{path}: not every single byte is a token (a byte-level BPE needs all 256)")
-        self.tokens = {rank: token for token, rank in self.ranks.items()}
+        self.tokens = {rank: token for token, rank in self.ranks.items()}  # no special ids: decode drops them
         first_special = len(self.ranks)
         self.bos_id, self.eos_id, self.pad_id, self.unk_id = first_special, first_special + 1, first_special + 4, None
         self.vocab_size = first_special + 256
@@ -419,17 +408,14 @@ class Llama3Tokenizer:
         return [self.ranks[part] for part in parts]
 
     def encode(self, text):
-        ids = []
-        for piece in self.pattern.findall(text):
-            if piece not in self.cache:
-                raw = piece.encode("utf-8")
-                self.cache[piece] = [self.ranks[raw]] if raw in self.ranks else self._bpe(raw)
-            ids += self.cache[piece]
-        return ids
+        pieces = self.pattern.findall(text)
+        for piece in set(pieces) - self.cache.keys():
+            raw = piece.encode("utf-8")
+            self.cache[piece] = [self.ranks[raw]] if raw in self.ranks else self._bpe(raw)
+        return [i for piece in pieces for i in self.cache[piece]]
 
     def decode(self, ids):
-        raw = b"".join(self.tokens[i] for i in ids if i in self.tokens)  # special tokens are dropped
-        return raw.decode("utf-8", errors="replace").strip()
+        return b"".join(self.tokens[i] for i in ids if i in self.tokens).decode("utf-8", errors="replace").strip()
 
 
 def make_tokenizer(lm_args, vocab=None, llama_dir=""):
@@ -449,9 +435,8 @@ def encode_example(tokenizer, question, answer, max_tokens, context=None):
     prompt = [tokenizer.bos_id] + tokenizer.encode(question if context is None else f"{context} {question}")
     answer_ids = tokenizer.encode(answer) + [tokenizer.eos_id]
     cut = len(prompt) + len(answer_ids) > max_tokens
-    if cut:
-        prompt = prompt[: max(4, max_tokens - len(answer_ids))]
-        answer_ids = answer_ids[: max_tokens - len(prompt)]
+    prompt = prompt[: max(4, max_tokens - len(answer_ids))]  # both cuts are no-ops when it fits
+    answer_ids = answer_ids[: max_tokens - len(prompt)]
     return prompt + answer_ids, [-100] * (len(prompt) - 1) + answer_ids + [-100], cut
 
 
@@ -471,7 +456,7 @@ QUESTIONS = {
     "caption": ["describe the image.", "write a caption for this picture.", "what is a good caption for it?"],
 }
 KINDS = {"single": ["what", "yesno", "which", "caption"], "scene": ["count", "yesno"], "colour": ["colour", "what"]}
-EVAL_KINDS = {"single": ["what", "yesno", "which"], "scene": ["count", "yesno"], "colour": ["colour", "what"]}
+EVAL_KINDS = {**KINDS, "single": ["what", "yesno", "which"]}  # captions are not scored
 COLOURS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220), "yellow": (240, 220, 40),
            "purple": (140, 60, 180), "orange": (245, 140, 30), "black": (20, 20, 20), "white": (240, 240, 240)}
 
@@ -520,8 +505,7 @@ def make_question(record, kind, phrasing, class_names, generator):
                           "colour": record["colour"]}[kind]
     if kind == "yesno":
         present = torch.rand((), generator=generator).item() < 0.5
-        name = pick(names) if present else pick(others)
-        return template.format(a=data.with_article(name)), "yes" if present else "no"
+        return template.format(a=data.with_article(pick(names if present else others))), "yes" if present else "no"
     if kind == "which":
         right, wrong = names[0], pick(others)
         first, second = (right, wrong) if torch.rand((), generator=generator).item() < 0.5 else (wrong, right)
@@ -601,8 +585,7 @@ def eval_examples(pool):
         kinds = EVAL_KINDS[record["type"]]
         kind, held_out = kinds[count % len(kinds)], (count // len(kinds)) % 2 == 1
         phrasing = len(QUESTIONS[kind]) - 1 if held_out else count % (len(QUESTIONS[kind]) - 1)
-        examples.append((index, *make_question(record, kind, phrasing, pool["class_names"], generator), kind,
-                         held_out))
+        examples.append((index, *make_question(record, kind, phrasing, pool["class_names"], generator), kind, held_out))
     return examples
 
 
@@ -610,29 +593,25 @@ def sample_batch(pool, batch_size, generator, tokenizer, max_tokens, text_only=F
     """(image indices (B,), input_ids, targets (B, L), number cut): random images, question types and trained
     phrasings; text_only: the image's description in its place (stage 0)."""
     indices = torch.randint(len(pool["images"]), (batch_size,), generator=generator)
-    rows, target_rows, cut_count = [], [], 0
+    encoded = []
     for index in indices.tolist():
         record = pool["records"][index]
-        if record["type"] == "jsonl":
-            question, answer = record["question"], record["answer"]
-        else:
+        question, answer = record.get("question"), record.get("answer")  # a JSONL record's own
+        if record["type"] != "jsonl":
             kinds = KINDS[record["type"]]
             kind = kinds[int(torch.randint(len(kinds), (), generator=generator))]
             phrasing = int(torch.randint(len(QUESTIONS[kind]) - 1, (), generator=generator))
             question, answer = make_question(record, kind, phrasing, pool["class_names"], generator)
-        ids, targets, cut = encode_example(tokenizer, question, answer, max_tokens,
-                                           record["caption"] if text_only else None)
-        rows.append(ids)
-        target_rows.append(targets)
-        cut_count += cut
+        encoded.append(encode_example(tokenizer, question, answer, max_tokens,
+                                      record["caption"] if text_only else None))
+    rows, target_rows, cuts = zip(*encoded)
     length = max(map(len, rows))
     return (indices, torch.tensor([r + [tokenizer.pad_id] * (length - len(r)) for r in rows]),
-            torch.tensor([t + [-100] * (length - len(t)) for t in target_rows]), cut_count)
+            torch.tensor([t + [-100] * (length - len(t)) for t in target_rows]), sum(cuts))
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Training (one function runs every stage: which parameters train is the only difference), greedy decoding,
-# answer accuracy, saving and loading.
+# Training (one function runs every stage), greedy decoding, answer accuracy, saving and loading.
 def train_stage(vlm, pool, cfg, stage, steps, lr, tokenizer, device):
     """Run one stage for `steps` steps; returns the list of losses. Stage 0 trains the LM (text only), stage 1
     the projector (vision and LM frozen, as PLM's warm-up), stage 2 everything; frozen parts run in eval mode."""
@@ -648,7 +627,6 @@ def train_stage(vlm, pool, cfg, stage, steps, lr, tokenizer, device):
     optimizer = training.build_optimizer(vlm, "adamw", lr, betas=(0.9, 0.95), eps=1e-8, weight_decay=cfg.weight_decay)
     warmup = min(cfg.warmup_steps, steps // 5 + 1)
     generator = data.item_generator(cfg.seed, "lang-batches", stage)
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
     losses, cut_total, name = [], 0, {0: "stage 0 (LM, text only)", 1: "stage 1 (projector)", 2: "stage 2 (all)"}[stage]
     bar = tqdm(range(steps), desc=name, dynamic_ncols=True)
     for step in bar:
@@ -656,11 +634,9 @@ def train_stage(vlm, pool, cfg, stage, steps, lr, tokenizer, device):
                                                         cfg.max_text_tokens, text_only=stage == 0)
         cut_total += cut
         training.set_lr(optimizer, training.lr_at(step, steps, lr, warmup, min_lr=0.1 * lr))  # cosine to 10%
-        with autocast:
-            image_embeds = None
-            if stage > 0:
-                images = pool["images"][indices].to(device)
-                image_embeds = vlm.encode_images(images, cache[indices.to(device)] if cache is not None else None)
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            image_embeds = None if stage == 0 else vlm.encode_images(
+                pool["images"][indices].to(device), None if cache is None else cache[indices.to(device)])
             loss = answer_loss(vlm, input_ids.to(device), targets.to(device), image_embeds)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -677,10 +653,9 @@ def train_stage(vlm, pool, cfg, stage, steps, lr, tokenizer, device):
 
 def add_layerscale(vlm, ls_init_value, drop_path):
     """PLM's stage 2 tower: the same weights plus new LayerScale gammas (ls_init_value) and drop path."""
-    tower = vlm.vision
-    state = {k: v.cpu() for k, v in tower.state_dict().items()}
-    vlm.vision = build_vision_tower(state, asdict(tower.config), tower.layers, ls_init_value, drop_path,
-                                    label="stage-1 tower").to(next(tower.parameters()).device)
+    tower, device = vlm.vision, next(vlm.vision.parameters()).device
+    vlm.vision = build_vision_tower({k: v.cpu() for k, v in tower.state_dict().items()}, asdict(tower.config),
+                                    tower.layers, ls_init_value, drop_path, label="stage-1 tower").to(device)
 
 
 @torch.no_grad()
@@ -785,8 +760,7 @@ def make_captioner(checkpoint, device="cpu"):
 
     def captioner(frames):
         image = frames if len(frames) == 1 else contact_sheet(frames)
-        pixels = torch.stack([pe_model.preprocess_image(Image.fromarray(f.numpy(), "RGB"), vlm.vision.image_size)
-                              for f in image])  # (1, 3, S, S), the official preprocessing
+        pixels = pe_model.preprocess_image(Image.fromarray(image[0].numpy(), "RGB"), vlm.vision.image_size)[None]
         return generate(vlm, vlm.tokenizer, pixels, ["describe the image."])[0].strip()
 
     captioner.name = f"align_lang:{os.path.abspath(checkpoint)}"
@@ -815,8 +789,7 @@ def make_summarizer(checkpoint, device="cpu"):
 def main(argv=None):
     cfg = training.parse_config(LangConfig(), argv, RULES)
     torch.manual_seed(cfg.seed)
-    device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available() else
-                          ("cpu" if cfg.device == "auto" else cfg.device))
+    device = torch.device(cfg.device if cfg.device != "auto" else "cuda" if torch.cuda.is_available() else "cpu")
     started = time.time()
     checkpoint = training.resolve_checkpoint(cfg.checkpoint or None)
     if not cfg.class_pool:  # ask about classes the core has seen (saved with the VLM: evaluate.py's VQA reuses it)
@@ -825,7 +798,6 @@ def main(argv=None):
     core_depth = core_vision_cfg["layers"]
     layers = cfg.vision_layers or max(1, core_depth - 1)
     vision = build_vision_tower(core_state, core_vision_cfg, layers, label=checkpoint)  # stage 1: as pretrained
-    lm, vocab = None, None
     if cfg.llama_dir:
         try:
             lm = load_llama(cfg.llama_dir, cfg.llama_rope_scaling_factor or None)
@@ -839,8 +811,8 @@ def main(argv=None):
         train_pool, val_pool = embedded_pool(cfg, "train", size), embedded_pool(cfg, "val", size)
     print(f"data: {len(train_pool['records'])} training images, "
           f"{len(val_pool['records']) if val_pool else 0} held-out images ({time.time() - started:.0f} s)")
-    if lm is None:
-        vocab = None if cfg.lm_full_vocab else build_vocab(pool_texts(train_pool))
+    vocab = None if cfg.llama_dir or cfg.lm_full_vocab else build_vocab(pool_texts(train_pool))
+    if not cfg.llama_dir:
         lm = Llama(LlamaArgs(dim=cfg.lm_dim, n_layers=cfg.lm_layers, n_heads=cfg.lm_heads, n_kv_heads=cfg.lm_kv_heads,
                              vocab_size=len(vocab) if vocab else pe_model.get_tokenizer().vocab_size,
                              multiple_of=cfg.lm_multiple_of, rope_theta=cfg.lm_rope_theta))

@@ -115,8 +115,7 @@ def default_resolution(vision_cfg):
 def build_teacher_and_student(checkpoint, cfg, vision_cfg):
     """(teacher, student) VisionTransformers from a core checkpoint; the teacher frozen, in eval mode."""
     teacher = pe_model.VisionTransformer(**pe_model.headless_config(vision_cfg, drop_path=0.0))
-    pe_model.load_checkpoint(teacher, checkpoint, drop_head=True)  # strict on everything but the head
-    teacher.eval().requires_grad_(False)
+    pe_model.load_checkpoint(teacher, checkpoint, drop_head=True).eval().requires_grad_(False)  # strict except the head
     resolution = cfg.resolution or default_resolution(vision_cfg)
     keep_ls = vision_cfg.get("ls_init_value")  # a core with LayerScale keeps its gammas
     student = pe_model.VisionTransformer(**pe_model.headless_config(
@@ -163,15 +162,14 @@ def mask_logit_tokens(mask_logits, image_size, patch_size):
     """Mask logits (B, M, h, w) of images of image_size (H, W) -> one feature per patch token (B, gh*gw, M):
     resized to the image (B.3.1; §5.2: mask logits are "robust to interpolation"), averaged over each patch."""
     if tuple(mask_logits.shape[-2:]) != tuple(image_size):
-        mask_logits = F.interpolate(mask_logits, tuple(image_size), mode="bilinear", align_corners=False,
-                                    antialias=True)
+        mask_logits = F.interpolate(mask_logits, image_size, mode="bilinear", align_corners=False, antialias=True)
     grid_h, grid_w = image_size[0] // patch_size, image_size[1] // patch_size
     pooled = F.avg_pool2d(mask_logits[..., : grid_h * patch_size, : grid_w * patch_size], patch_size)
     return pooled.flatten(2).transpose(1, 2)  # (B, M, gh, gw) -> (B, gh*gw, M)
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Data: make_loader functions for training.epochs (an epoch's stream is a function of (seed, rank, epoch)).
+# Data: (set_epoch, make_loader) pairs for training.epochs (an epoch's stream is a function of (seed, rank, epoch)).
 # Scenes are rendered once and augmented per step with Tab. 21's colour jitter and flip, applied to image and
 # instance map together so the oracle masks stay exact (its aspect-ratio jitter would resample the masks).
 TRAIN_SCENE_SEED = 7919  # added to --seed (evaluate.py's scenes have string seeds): no training scene is probed
@@ -189,15 +187,16 @@ def render_scenes(num_scenes, size, seed, rank=0, world_size=1):
     return torch.stack(images), torch.stack(maps)
 
 
-def scene_loader(images, instance_maps, batch_size, seed, rank):
-    """make_loader(epoch, skip): (images, instance maps) batches of this process's scenes, from batch `skip`."""
+def scene_loader(cfg, batch_size, rank, world_size):
+    """(set_epoch, make_loader) of (images, instance maps) batches of this process's scenes, from batch `skip`."""
+    images, maps = render_scenes(cfg.num_scenes, cfg.resolution, cfg.seed + TRAIN_SCENE_SEED, rank, world_size)
+
     def make_loader(epoch, skip):
-        order = torch.randperm(images.shape[0], generator=torch.Generator().manual_seed(
-            data.seed_for(seed, "spatial", rank, epoch)))
+        order = torch.randperm(images.shape[0], generator=data.item_generator(cfg.seed, "spatial", rank, epoch))
         chosen = (order[first : first + batch_size] for first in range(skip * batch_size,
                                                                       len(order) - batch_size + 1, batch_size))
-        return ((images[c], instance_maps[c].long()) for c in chosen), True
-    return make_loader
+        return ((images[c], maps[c].long()) for c in chosen), True
+    return (lambda epoch: None), make_loader
 
 
 def shard_loader(cfg, batch_size, rank, world_size):
@@ -209,23 +208,20 @@ def shard_loader(cfg, batch_size, rank, world_size):
                             world_size=world_size)
     loader = torch.utils.data.DataLoader(shards, batch_size=batch_size, collate_fn=data.collate_image_text,
                                          drop_last=True)
-    make_loader = lambda epoch, skip: ((None if b is None else (b[0], None) for b in loader), False)  # noqa: E731
-    return shards.set_epoch, make_loader
+    return shards.set_epoch, lambda epoch, skip: ((None if b is None else (b[0], None) for b in loader), False)
 
 
 def augment_batch(images, instance_maps, cfg, generator):
     """Per-image hflip (image and map together), brightness then saturation jitter (data.train_augment's
     formulas). images (B, 3, H, W) in [-1, 1], instance_maps (B, H, W)."""
     batch = images.shape[0]
+    jitter = lambda strength: 1 + strength * (2 * torch.rand(batch, 1, 1, 1, generator=generator) - 1)  # noqa: E731
     flip = torch.rand(batch, generator=generator) < cfg.hflip_prob
     images = torch.where(flip[:, None, None, None], images.flip(-1), images)
     instance_maps = torch.where(flip[:, None, None], instance_maps.flip(-1), instance_maps)
-    pixels = images.add(1).div(2)
-    brightness = 1 + cfg.brightness * (2 * torch.rand(batch, generator=generator) - 1)
-    pixels = (pixels * brightness[:, None, None, None]).clamp(0, 1)
+    pixels = (images.add(1).div(2) * jitter(cfg.brightness)).clamp(0, 1)
     grey = (0.299 * pixels[:, 0] + 0.587 * pixels[:, 1] + 0.114 * pixels[:, 2])[:, None]
-    saturation = 1 + cfg.saturation * (2 * torch.rand(batch, generator=generator) - 1)
-    pixels = (grey + saturation[:, None, None, None] * (pixels - grey)).clamp(0, 1)
+    pixels = (grey + jitter(cfg.saturation) * (pixels - grey)).clamp(0, 1)
     return pixels.mul(2).sub(1), instance_maps
 
 
@@ -235,8 +231,7 @@ def block_mask(batch, grid_h, grid_w, ratio, block, generator):
     blocks_h, blocks_w = math.ceil(grid_h / block), math.ceil(grid_w / block)
     num_blocks = blocks_h * blocks_w
     order = torch.rand(batch, num_blocks, generator=generator).argsort(dim=1)
-    masked = torch.zeros(batch, num_blocks, dtype=torch.bool)
-    masked.scatter_(1, order[:, : round(ratio * num_blocks)], True)
+    masked = torch.zeros(batch, num_blocks, dtype=torch.bool).scatter_(1, order[:, : round(ratio * num_blocks)], True)
     masked = masked.view(batch, blocks_h, blocks_w).repeat_interleave(block, 1).repeat_interleave(block, 2)
     return masked[:, :grid_h, :grid_w]
 
@@ -299,10 +294,8 @@ def train(cfg, checkpoint, rank=0, world_size=1, device=torch.device("cpu")):
     torch.manual_seed(cfg.seed)
     teacher, student = (tower.to(device) for tower in build_teacher_and_student(checkpoint, cfg, vision_cfg))
     # Tab. 21 gives no decay shape: cosine, as PE-core pretraining
-    optimizer = training.build_optimizer(student, "lamb", cfg.lr, (cfg.beta1, cfg.beta2),
-                                         weight_decay=cfg.weight_decay)
-    generator = torch.Generator().manual_seed(data.seed_for(cfg.seed, "spatial-masks", rank))
-    start_step, history = 0, []
+    optimizer = training.build_optimizer(student, "lamb", cfg.lr, (cfg.beta1, cfg.beta2), weight_decay=cfg.weight_decay)
+    generator = data.item_generator(cfg.seed, "spatial-masks", rank)
     resume_from, blob, position = (training.resume_latest(cfg.out_dir, "spatial_step_*.pt", student, student, optimizer,
                                                           rank, world_size) if cfg.resume else (None, None, (0, 0)))
     if resume_from:  # before DDP wraps the student: DDP starts every rank from rank 0's weights
@@ -310,19 +303,14 @@ def train(cfg, checkpoint, rank=0, world_size=1, device=torch.device("cpu")):
             raise SystemExit(f"{resume_from}: not an align_spatial.py checkpoint of {world_size} process(es)")
         # a copy: Generator.set_state reads a row view from its storage's start (rank 1's row would crash)
         generator.set_state(blob["mask_generator"][rank].clone())
-        start_step, history = int(blob["step"]), list(blob["history"])
+    start_step, history = (int(blob["step"]), list(blob["history"])) if resume_from else (0, [])
     if cfg.resume and rank == 0:
         print(f"resuming at step {start_step} from {resume_from}" if resume_from else
               f"--resume: no spatial_step_*.pt in {cfg.out_dir}, starting from {checkpoint}")
     model = training.wrap_for_training(student, device, world_size)
 
-    local_batch = cfg.batch_size // world_size
-    if cfg.shards:
-        set_epoch, make_loader = shard_loader(cfg, local_batch, rank, world_size)
-    else:
-        scenes = render_scenes(cfg.num_scenes, cfg.resolution, cfg.seed + TRAIN_SCENE_SEED, rank, world_size)
-        set_epoch, make_loader = (lambda epoch: None), scene_loader(*scenes, local_batch, cfg.seed, rank)
-    batches = training.epochs(set_epoch, make_loader, position, "align_spatial")
+    loaders = (shard_loader if cfg.shards else scene_loader)(cfg, cfg.batch_size // world_size, rank, world_size)
+    batches = training.epochs(*loaders, position, "align_spatial")
 
     grid = cfg.resolution // patch
     log = training.MetricsLog(os.path.join(cfg.out_dir, "metrics.jsonl"), start_step if resume_from else None,
@@ -360,11 +348,10 @@ def train(cfg, checkpoint, rank=0, world_size=1, device=torch.device("cpu")):
         if step % cfg.log_every == 0 or step == cfg.max_steps:
             log.log(record)
         if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < cfg.max_steps:
-            generators = training.gather_per_rank(generator.get_state(), world_size)
             training.save_training_checkpoint(
                 os.path.join(cfg.out_dir, f"spatial_step_{step:06d}.pt"), student, student, optimizer, step, position,
-                world_size, {"mask_generator": torch.stack(generators), "history": history,
-                             "train_config": asdict(cfg), "teacher_layer": teacher_layer})
+                world_size, {"mask_generator": torch.stack(training.gather_per_rank(generator.get_state(), world_size)),
+                             "history": history, "train_config": asdict(cfg), "teacher_layer": teacher_layer})
             if rank == 0:
                 training.prune_checkpoints(cfg.out_dir, 1, "spatial_step_*.pt")
     return student.eval(), teacher, teacher_layer, history

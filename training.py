@@ -7,12 +7,10 @@ import importlib
 import json
 import math
 import os
-import random
 import sys
 import typing
 from dataclasses import fields
 
-import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn as nn
@@ -175,7 +173,7 @@ def barrier():
 
 
 def gather_per_rank(value, world_size):
-    """[value of rank 0, value of rank 1, ...] on every rank (any picklable value; [value] in one process)."""
+    """[value of rank 0, value of rank 1, ...] on every rank (any picklable value)."""
     gathered = [value] * world_size
     if world_size > 1:
         dist.all_gather_object(gathered, value)
@@ -219,12 +217,6 @@ def param_groups(model, weight_decay):
             {"params": no_decay, "weight_decay": 0.0, "trust_ratio": False}]
 
 
-def _norm(tensor):
-    """L2 norm of a whole tensor as a plain tensor (a sharded DTensor's norm is reduced over its shards)."""
-    norm = torch.linalg.vector_norm(tensor)
-    return norm.full_tensor() if hasattr(norm, "full_tensor") else norm
-
-
 class LAMB(torch.optim.Optimizer):
     """LAMB with bias-corrected Adam moments and decoupled weight decay; for each parameter w with gradient g
     at step t:
@@ -255,8 +247,9 @@ class LAMB(torch.optim.Optimizer):
                 if group["weight_decay"]:
                     update.add_(param, alpha=group["weight_decay"])
                 ratio = 1.0
-                if group["trust_ratio"]:
-                    weight_norm, update_norm = _norm(param), _norm(update)
+                if group["trust_ratio"]:  # whole-tensor norms (a sharded DTensor's reduced over its shards)
+                    norms = [torch.linalg.vector_norm(t) for t in (param, update)]
+                    weight_norm, update_norm = (n.full_tensor() if hasattr(n, "full_tensor") else n for n in norms)
                     ratio = torch.where((weight_norm > 0) & (update_norm > 0), weight_norm / update_norm, 1.0)
                     if hasattr(update, "full_tensor"):  # a DTensor update: scale it by a plain number
                         ratio = ratio.item()
@@ -265,10 +258,8 @@ class LAMB(torch.optim.Optimizer):
 
 def build_optimizer(model, optimizer="lamb", lr=2e-3, betas=(0.9, 0.95), eps=1e-6, weight_decay=0.05):
     """LAMB or AdamW (RULES["optimizer"]) over param_groups(model, weight_decay): the same decay exclusions."""
-    groups = param_groups(model, weight_decay)
-    if optimizer == "adamw":
-        return torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), eps=eps)
-    return LAMB(groups, lr=lr, betas=betas, eps=eps)
+    return (torch.optim.AdamW if optimizer == "adamw" else LAMB)(param_groups(model, weight_decay), lr=lr,
+                                                                  betas=tuple(betas), eps=eps)
 
 
 def lr_at(step, max_steps, base_lr, warmup_steps, min_lr=0.0, schedule="cosine"):
@@ -291,10 +282,9 @@ def set_lr(optimizer, lr):
 # "step", "rng", "data_position" (one row per rank), plus the stage's extras}. Written atomically by rank 0;
 # every value is a tensor or plain Python data, so torch.load(weights_only=True) reads it.
 def rng_state():
-    """The torch, CUDA, Python and NumPy RNG states, as tensors."""
-    numpy_state = np.random.get_state()
-    state = {"torch": torch.get_rng_state(), "python": torch.tensor(random.getstate()[1], dtype=torch.int64),
-             "numpy": torch.from_numpy(numpy_state[1].astype(np.int64)), "numpy_position": torch.tensor(numpy_state[2])}
+    """The torch and CUDA RNG states (drop path draws from them). Nothing draws from Python's or NumPy's: data
+    randomness comes from generators seeded per item (data.item_generator), also in loader workers."""
+    state = {"torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.stack(torch.cuda.get_rng_state_all())
     return state
@@ -302,8 +292,6 @@ def rng_state():
 
 def set_rng_state(state):
     torch.set_rng_state(state["torch"])
-    random.setstate((3, tuple(state["python"].tolist()), None))
-    np.random.set_state(("MT19937", state["numpy"].numpy().astype(np.uint32), int(state["numpy_position"]), 0, 0.0))
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(list(state["cuda"]))
 
@@ -336,8 +324,7 @@ def _config_difference(saved, built):
 
 
 def load_training_checkpoint(path, module, model, optimizer=None, rank=0, world_size=1):
-    """Restore weights, optimizer and RNG states -> (the checkpoint dict, this rank's data position). An unreadable
-    file raises ValueError (nothing restored); one of another model or number of processes stops with a message."""
+    """Restore weights, optimizer and RNG -> (checkpoint dict, this rank's data position); ValueError if unreadable."""
     blob = pe_model.read_checkpoint_file(path)
     if not isinstance(blob, dict) or "model" not in blob or "step" not in blob or "rng" not in blob:
         raise ValueError(f"{path}: not a resumable training checkpoint (no 'model', 'step' and 'rng')")
@@ -393,11 +380,10 @@ def prune_checkpoints(out_dir, keep, pattern="step_*.pt"):
 
 
 def epochs(set_epoch, make_loader, start, name="data"):
-    """Endless (batch, position after it), epoch after epoch; position = (epoch, loader batches used in it). An
-    epoch's stream is a function of (seed, epoch), so a checkpoint's position continues it exactly.
-    make_loader(epoch, skip) -> (loader, skipped): the epoch without its first `skip` batches (skipped=True), or
-    all of it, those then read and dropped (tar shards cannot be skipped unread). A None batch (bad samples,
-    counted by the dataset) is passed over; an epoch without one good batch stops the run."""
+    """Endless (batch, position after it), position = (epoch, loader batches used in it): a checkpoint's position
+    continues the stream exactly. make_loader(epoch, skip) -> (loader, skipped): the epoch less its first `skip`
+    batches (skipped=True), or all of it, those then dropped (tar shards cannot be skipped unread). None batches
+    (all bad) are passed over; an epoch without a good one stops the run."""
     epoch, skip = start
     while True:
         set_epoch(epoch)

@@ -2,29 +2,25 @@
 video_engine.py: the video data engine and the video finetuning of PE core (paper §2.2).
 
 Video-text data is scarce, so PE makes its own: a captioner describes the frames and the clip of each video,
-human-refined captions are merged in where they exist, and a language model summarises all of it into one
-caption per video; PE core is then finetuned on these video-caption pairs mixed with image-caption pairs, a
-video's embedding being the mean of its 8 frames' embeddings. The paper's captioner is an early Perception
-Language Model, its summariser Llama 3.2; the defaults here are zero-shot caption retrieval with the PE-core
-checkpoint itself and an extractive summary (no generative model exists before align_lang.py is trained), each
-replaced by a plug-in --captioner=MODULE:FUNCTION or --summarizer=MODULE:FUNCTION (see load_component). The human
-pass (the PE Video Dataset) comes as a PVD-style JSONL file (--annotations, see read_annotations); the embedded
-default simulates it. Tab. 19's finetuning: --lr=1e-6 --warmup_steps=2000 --steps=5400, batch 4096 in all.
+human-refined captions are merged in where they exist, and a language model summarises all of it into one caption
+per video; PE core is then finetuned on these video-caption pairs mixed with image-caption pairs, a video's
+embedding being the mean of its 8 frames' embeddings. The paper's captioner is an early Perception Language Model,
+its summariser Llama 3.2; the defaults here are zero-shot caption retrieval with the PE-core checkpoint itself and
+an extractive summary (no generative model exists before align_lang.py is trained), each replaced by a plug-in
+--captioner=MODULE:FUNCTION or --summarizer=MODULE:FUNCTION (see load_component). The human pass (the PE Video
+Dataset) comes as a PVD-style JSONL file (--annotations, see read_annotations); the embedded default simulates it.
 
   python train_clip.py                     # first: the PE-core checkpoint this stage starts from (out/clip)
   python video_engine.py                   # the engine on the embedded videos, then a short finetuning
   python video_engine.py --videos=DIR --vocabulary=classes.txt --annotations=pvd.jsonl --steps=2000
-  python video_engine.py --captioner=align_lang:make_captioner --captioner_checkpoint=out/lang/vlm.pt \\
-      --summarizer=align_lang:make_summarizer --summarizer_checkpoint=out/lang/vlm.pt --skip_finetune
+  python video_engine.py --captioner_checkpoint=out/lang/vlm.pt --summarizer_checkpoint=out/lang/vlm.pt --skip_finetune
   torchrun --nproc_per_node=8 video_engine.py --videos=DIR --vocabulary=classes.txt --video_batch_size=64
-  python evaluate.py --video_zero_shot --checkpoint=out/clip/final.pt,out/video/video_finetune.pt  # (--evaluate)
 Under torchrun the ranks share the captioning and summarising, and every rank finetunes on its own shards.
 
-Writes into --out_dir, each stage to disk so that a killed run redoes no finished video: records/{key}.json (the
-captions of each video and what made them), shards/shard-NNNNN.tar ({key}.mp4 + .txt + .json: the source bytes,
-final caption, record), video_finetune.pt (with the start checkpoint's train_config, so that evaluate.py uses its
-classes and resolution; --checkpoint_every: video_finetune_step_NNNNNN.pt, for --resume), embedded/ (the default
-videos), eval/ (evaluate.py's), results.json (counts, losses, video zero-shot before and after).
+Writes into --out_dir, each stage to disk so that a killed run redoes no finished video: records/{key}.json (each
+video's captions and what made them), shards/shard-NNNNN.tar ({key}.mp4 + .txt + .json: video, final caption, record),
+video_finetune.pt (with the start checkpoint's train_config: evaluate.py uses its classes and resolution), embedded/
+(the default videos), eval/ (evaluate.py's), results.json (counts, losses, video zero-shot before and after).
 """
 
 import dataclasses
@@ -41,7 +37,6 @@ import subprocess
 import sys
 import tarfile
 import time
-from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
@@ -55,7 +50,7 @@ import training
 from kernels.contrastive_loss import contrastive_loss
 
 
-@dataclass
+@dataclasses.dataclass
 class VideoEngineConfig:
     checkpoint: str = ""  # the PE-core checkpoint to start from; "" = the newest one train_clip.py wrote
     model: str = ""  # official model name, needed only when --checkpoint is an official .pt (no config inside)
@@ -78,7 +73,7 @@ class VideoEngineConfig:
     annotations: str = ""  # PVD-style JSONL of human-refined captions (see read_annotations)
     shard_size: int = 64  # videos per tar shard
     skip_finetune: bool = False  # run the engine only
-    # finetuning (§2.2); Tab. 19's recipe in the docstring
+    # finetuning (§2.2); Tab. 19's recipe: --lr=1e-6 --warmup_steps=2000 --steps=5400, batch 4096 in all
     steps: int = 40
     video_batch_size: int = 8  # videos per step per rank (x num_frames frames through the image tower)
     image_batch_size: int = 8  # image-caption pairs per step per rank (keeps the image task); 0 = videos only
@@ -98,14 +93,12 @@ class VideoEngineConfig:
     device: str = ""  # "" = cuda:LOCAL_RANK if available, else cpu
 
 
-RULES = training.positive("num_videos", "video_length", "video_size", "video_classes", "video_batch_size",
-                          "shard_size")  # besides training.RULES (checked at start: one line names the field)
+RULES = training.positive("num_videos", "video_length", "video_size", "video_classes", "video_batch_size", "shard_size")
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Stage 1: frame and clip captioning, into one record (JSON) per video, replaced atomically so that a crash never
-# leaves half a record; under torchrun every rank writes the records of its own videos. A captioner is any
-# callable frames (T, H, W, 3) uint8 -> str, called once per sampled frame (T = 1) and once for the clip.
+# Stage 1: frame and clip captioning, one record (JSON) per video, replaced atomically (a crash never leaves half a
+# record). A captioner is any callable frames (T, H, W, 3) uint8 -> str: for each frame (T = 1) and for the clip.
 def read_record(record_dir, key):
     """The record of `key`, or None if there is none (or it is unreadable: it is then redone)."""
     try:
@@ -122,8 +115,7 @@ def write_record(record_dir, key, record):
 def video_key(relative_path):
     """A video's key: its path under the folder without extension, "/" -> "__", anything but letters, digits,
     "_" and "-" -> "_" (webdataset keys end at the first dot of a tar member's name)."""
-    stem = os.path.splitext(relative_path)[0].replace(os.sep, "__").replace("/", "__")
-    return re.sub(r"[^A-Za-z0-9_-]", "_", stem)
+    return re.sub(r"[^A-Za-z0-9_-]", "_", os.path.splitext(relative_path)[0].replace(os.sep, "__").replace("/", "__"))
 
 
 def list_videos(folder, bad):
@@ -136,8 +128,7 @@ def list_videos(folder, bad):
             key = video_key(os.path.relpath(path, folder))
             if key in videos:
                 bad.add("duplicate_key", path, f"same key {key!r} as {videos[key]}")
-            else:
-                videos[key] = path
+            videos.setdefault(key, path)
     if not videos:
         raise SystemExit(f"--videos={folder}: no such folder, or no video files ({', '.join(data.VIDEO_EXTENSIONS)})")
     return list(videos.items())
@@ -150,7 +141,6 @@ def load_component(spec, checkpoint, option, device):
     return training.load_plugin(spec, option)(checkpoint, device) if spec else None
 
 
-FRAME_TEMPLATES = data.ZERO_SHOT_TEMPLATES  # frame vocabulary: an object, as an image shows it
 CLIP_TEMPLATES = [lambda pair, t=t: t.format(a=data.with_article(pair[0]), motion=pair[1])  # (name, motion)
                   for t in data.VIDEO_CAPTION_TEMPLATES]
 
@@ -166,8 +156,8 @@ class RetrievalCaptioner:
         self.model, self.device = model.eval(), device
         self.image_size, self._cache = image_size or model.image_size, {}
         names = list(dict.fromkeys(class_names))
-        self.frame_vocabulary = [pe_model.format_prompt(FRAME_TEMPLATES[0], name) for name in names]
-        self.frame_embeddings = pe_model.zero_shot_classifier(model, names, FRAME_TEMPLATES, device=device)
+        self.frame_vocabulary = [pe_model.format_prompt(data.ZERO_SHOT_TEMPLATES[0], name) for name in names]
+        self.frame_embeddings = pe_model.zero_shot_classifier(model, names, data.ZERO_SHOT_TEMPLATES, device=device)
         pairs = [(name, motion) for name in names for motion in motions]
         self.clip_vocabulary = [CLIP_TEMPLATES[0](pair) for pair in pairs]
         self.clip_embeddings = pe_model.zero_shot_classifier(model, pairs, CLIP_TEMPLATES, device=device) \
@@ -251,10 +241,10 @@ def merge_annotations(record_dir, keys, annotations, bad):
             bad.add("annotation_without_video", video_id)
             continue
         metadata = {**record.get("metadata", {}), **annotation["metadata"]}
-        if record.get("refined_caption") == annotation["refined_caption"] and record.get("metadata") == metadata:
-            continue
         if record.get("refined_caption") != annotation["refined_caption"]:
             record.pop("caption", None)
+        elif record.get("metadata") == metadata:
+            continue
         record["refined_caption"], record["metadata"] = annotation["refined_caption"], metadata
         write_record(record_dir, video_id, record)
         changed += 1
@@ -302,9 +292,8 @@ def summarize_records(record_dir, keys, summarizer, bad, rank=0, world_size=1, p
         if record is None or (not record.get("refined_caption") and record.get("caption")
                               and record.get("caption_source") == name):
             continue  # a bad video (skipped in stage 1), or summarised by an earlier run
-        if record.get("refined_caption"):
-            caption, source = record["refined_caption"], "human"
-        else:
+        caption, source = record.get("refined_caption"), "human"
+        if not caption:
             caption = summarizer(record["frame_captions"], record["video_caption"], record.get("metadata", {}))
             caption, source = caption.strip(), name
             if not caption:
@@ -422,41 +411,12 @@ def embedded_caption_accuracy(out_dir):
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Video finetuning (§2.2): PE core on the engine's video-caption pairs mixed with image-caption pairs, with the
-# contrastive loss over the global batch (optimizer, schedule, wrapping, checkpoints: training.py's). Stages
-# report, evaluate.py evaluates: the video zero-shot before and after runs as separate processes.
+# Video finetuning (§2.2): the contrastive loss over the global batch (optimizer, schedule, checkpoints: training.py's)
 def pool_videos(features, videos, num_frames):
     """(B*T + B_i, D) features of `videos` videos' frames then images -> (B + B_i, D): a video's feature is the
     mean of its frames' L2-normalised features (§2.2), renormalised."""
     frames = features[:videos * num_frames].unflatten(0, (videos, num_frames))  # (B, T, D)
     return torch.cat([F.normalize(frames.mean(1), dim=-1), features[videos * num_frames:]])
-
-
-def make_loaders(cfg, shard_dir, image_size, image_classes, rank=0, world_size=1, start=(0, 0, 0, 0)):
-    """Endless (batch, position) streams (training.epochs) of the engine's shards and of data.EmojiImageText (None
-    without), from start = (video epoch, its batches used, image epoch, its batches used)."""
-    video_augment = data.AugmentConfig(crop_scale=(0.6, 1.0), hflip_prob=0.0)  # a flip makes "moving left" wrong
-    videos = data.TarShards(shard_dir, transform=data.make_train_transform(image_size, video_augment),
-                            media="video", num_frames=cfg.num_frames, shuffle_buffer=4 * cfg.video_batch_size,
-                            seed=cfg.seed, rank=rank, world_size=world_size)
-
-    def video_loader(epoch, skip):  # an iterable dataset: the used batches are read again and dropped
-        return torch.utils.data.DataLoader(videos, batch_size=cfg.video_batch_size, num_workers=cfg.num_workers,
-                                           collate_fn=data.collate_image_text), False
-
-    video_batches = training.epochs(videos.set_epoch, video_loader, start[:2], name=shard_dir)
-    if cfg.image_batch_size <= 0:
-        return video_batches, None
-    images = data.EmojiImageText("train", num_classes=image_classes, canvas_size=image_size, seed=cfg.seed,
-                                 transform=data.make_train_transform(image_size, data.AugmentConfig()))
-
-    def image_loader(epoch, skip):  # map-style: this rank's order of the epoch, without the used batches
-        generator = data.item_generator(cfg.seed, "video-finetune-images", rank, epoch)
-        order = torch.randperm(len(images), generator=generator)[skip * cfg.image_batch_size:].tolist()
-        return torch.utils.data.DataLoader(images, batch_size=cfg.image_batch_size, sampler=order, drop_last=True,
-                                           num_workers=cfg.num_workers, collate_fn=data.collate_image_text), True
-
-    return video_batches, training.epochs(images.set_epoch, image_loader, start[2:], name="image-caption pairs")
 
 
 def finetune(cfg, model, shard_dir, device="cpu", rank=0, world_size=1, start_checkpoint="", progress=True):
@@ -480,10 +440,28 @@ def finetune(cfg, model, shard_dir, device="cpu", rank=0, world_size=1, start_ch
     if cfg.resume and rank == 0:
         print(f"resuming the finetuning at step {step} from {resumed}" if resumed else
               f"--resume: no finetuning checkpoint in {cfg.out_dir}, starting from {start_checkpoint or 'the model'}")
-    extra = {"train_config": trained, "video_engine_config": dataclasses.asdict(cfg),
-             "start_checkpoint": start_checkpoint}
-    video_batches, image_batches = make_loaders(cfg, shard_dir, image_size, cfg.image_classes
-                                                or data.trained_class_count(trained), rank, world_size, position)
+    extra = dict(train_config=trained, video_engine_config=dataclasses.asdict(cfg), start_checkpoint=start_checkpoint)
+    # endless (batch, position) streams (training.epochs) from position = (video epoch, batches, image epoch, batches)
+    video_augment = data.AugmentConfig(crop_scale=(0.6, 1.0), hflip_prob=0.0)  # a flip makes "moving left" wrong
+    videos = data.TarShards(shard_dir, transform=data.make_train_transform(image_size, video_augment),
+                            media="video", num_frames=cfg.num_frames, shuffle_buffer=4 * cfg.video_batch_size,
+                            seed=cfg.seed, rank=rank, world_size=world_size)
+    loader = torch.utils.data.DataLoader(videos, batch_size=cfg.video_batch_size, num_workers=cfg.num_workers,
+                                         collate_fn=data.collate_image_text)  # iterable: used batches read and dropped
+    video_batches = training.epochs(videos.set_epoch, lambda epoch, skip: (loader, False), position[:2], name=shard_dir)
+    image_batches = None
+    if cfg.image_batch_size > 0:
+        transform = data.make_train_transform(image_size, data.AugmentConfig())
+        images = data.EmojiImageText("train", num_classes=cfg.image_classes or data.trained_class_count(trained),
+                                     canvas_size=image_size, seed=cfg.seed, transform=transform)
+
+        def image_loader(epoch, skip):  # map-style: this rank's order of the epoch, without the used batches
+            generator = data.item_generator(cfg.seed, "video-finetune-images", rank, epoch)
+            order = torch.randperm(len(images), generator=generator)[skip * cfg.image_batch_size:].tolist()
+            return torch.utils.data.DataLoader(images, batch_size=cfg.image_batch_size, sampler=order, drop_last=True,
+                                               num_workers=cfg.num_workers, collate_fn=data.collate_image_text), True
+
+        image_batches = training.epochs(images.set_epoch, image_loader, position[2:], name="image-caption pairs")
     losses = []
     bar = tqdm(total=cfg.steps, initial=step, desc="finetune", disable=not progress or rank != 0)
     while step < cfg.steps:
@@ -549,7 +527,7 @@ def main(argv=None):
     cfg = training.parse_config(VideoEngineConfig(), argv, RULES)
     rank, world_size, _, device = training.setup_distributed()
     training.remove_partial_writes(cfg.out_dir, rank)  # a killed run's half-written files
-    device = torch.device(cfg.device) if cfg.device else device
+    device = torch.device(cfg.device) if cfg.device not in ("", "auto") else device
     checkpoint = training.resolve_checkpoint(cfg.checkpoint or None)
     try:
         model = pe_model.load_model(checkpoint, name=cfg.model or None).to(device)
@@ -573,12 +551,11 @@ def main(argv=None):
         return
     result = finetune(cfg, model, os.path.join(cfg.out_dir, "shards"), device, rank, world_size, checkpoint)
     if rank == 0:
-        losses, before, after = result["losses"], None, None
+        losses = result["losses"]
         if losses:
             print(f"finetuned to step {cfg.steps} from {checkpoint}: loss {losses[0]:.3f} -> {losses[-1]:.3f}")
-        if cfg.evaluate:
-            before, after = evaluate_video_zero_shot([(checkpoint, cfg.model), (result["path"], "")],
-                                                     os.path.join(cfg.out_dir, "eval")) or (None, None)
+        before, after = (cfg.evaluate and evaluate_video_zero_shot([(checkpoint, cfg.model), (result["path"], "")],
+                                                                   os.path.join(cfg.out_dir, "eval"))) or (None, None)
         if before and after:
             print(f"video zero-shot ({after['videos']} held-out videos, {after['classes']} classes), before -> after:\n"
                   + training.markdown_table(["", "top-1 %", "top-5 %"], [[checkpoint, before["top1"], before["top5"]],

@@ -11,6 +11,7 @@ import dataclasses
 import json
 import os
 import sys
+import tarfile
 
 import numpy as np
 import pytest
@@ -69,11 +70,15 @@ def grey_video(path, num_frames, step=12):
 
 
 def read_shards(shard_dir, num_frames=NUM_FRAMES, image_size=64):
-    """Every sample of the engine's shards as (frames (T, 3, S, S), caption, key, record), in shard order, through
-    data.TarShards' video mode (what the finetuning reads)."""
-    shards = data.TarShards(shard_dir, image_size=image_size, media="video", num_frames=num_frames, with_meta=True,
-                            shuffle_shards=False, rank=0, world_size=1)
-    return list(shards), shards.bad
+    """Every sample of the engine's shards as (frames (T, 3, S, S), caption, key, record): frames and caption through
+    data.TarShards' video mode (what the finetuning reads), the record from the sample's .json file."""
+    shards = data.TarShards(shard_dir, image_size=image_size, media="video", num_frames=num_frames, rank=0, world_size=1)
+    records = {}
+    for shard in shards.shards:
+        with tarfile.open(shard) as tar:
+            records.update({member.name[: -len(".json")]: json.load(tar.extractfile(member))
+                            for member in tar.getmembers() if member.name.endswith(".json")})
+    return [(frames, caption, key, records[key]) for frames, caption, key in shards], shards.bad
 
 
 def video_text_loss(model, videos, tokens):

@@ -169,7 +169,7 @@ def mask_logit_tokens(mask_logits, image_size, patch_size):
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Data: (set_epoch, make_loader) pairs for training.epochs (an epoch's stream is a function of (seed, rank, epoch)).
+# Data: (set_epoch, make_loader) pairs for data.epochs (an epoch's stream is a function of (seed, rank, epoch)).
 # Scenes are rendered once and augmented per step with Tab. 21's colour jitter and flip, applied to image and
 # instance map together so the oracle masks stay exact (its aspect-ratio jitter would resample the masks).
 TRAIN_SCENE_SEED = 7919  # added to --seed (evaluate.py's scenes have string seeds): no training scene is probed
@@ -310,7 +310,7 @@ def train(cfg, checkpoint, rank=0, world_size=1, device=torch.device("cpu")):
     model = training.wrap_for_training(student, device, world_size)
 
     loaders = (shard_loader if cfg.shards else scene_loader)(cfg, cfg.batch_size // world_size, rank, world_size)
-    batches = training.epochs(*loaders, position, "align_spatial")
+    batches = data.epochs(*loaders, position, "align_spatial")
 
     grid = cfg.resolution // patch
     log = training.MetricsLog(os.path.join(cfg.out_dir, "metrics.jsonl"), start_step if resume_from else None,

@@ -45,7 +45,7 @@ _IMAGE_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
 _ENCODERS = {".mp4": ("libx264", "mpeg4"), ".webm": ("libvpx-vp9", "libvpx")}  # write_video: the first FFmpeg has
 
 # ---------------------------------------------------------------------------------------------------------
-# 0. Seeds, bad-sample accounting and the map-style reader
+# 0. Seeds, bad-sample accounting, the map-style reader and the resumable (epoch, batch) stream
 
 
 def seed_for(*keys) -> int:
@@ -230,6 +230,24 @@ class Records(torch.utils.data.Dataset):
         return None
 
 
+def epochs(set_epoch, make_loader, start, name="data"):
+    """Endless (batch, position after it), position = (epoch, batches used in it): a resume continues exactly.
+    make_loader(epoch, skip) -> (loader, skipped): the epoch less its first `skip` batches, or all of it, those then
+    dropped (tar shards cannot skip unread). None (all-bad) batches are passed over; an epoch of them stops."""
+    epoch, skip = start
+    while True:
+        set_epoch(epoch)
+        loader, skipped = make_loader(epoch, skip)
+        got = False
+        for index, batch in enumerate(loader, skip if skipped else 0):
+            got = got or batch is not None
+            if batch is not None and index >= skip:
+                yield batch, (epoch, index + 1)
+        if not got and not skip:
+            raise SystemExit(f"{name}: an epoch gave no usable sample on this rank (see the bad-sample warnings)")
+        epoch, skip = epoch + 1, 0
+
+
 # ---------------------------------------------------------------------------------------------------------
 # 1. Embedded default: OpenMoji artwork (CC BY-SA 4.0) named by Unicode
 
@@ -327,6 +345,12 @@ def emoji_classes(max_classes: int | None = None, seed: int = 0) -> list[tuple[s
 def trained_class_count(train_config: dict, default: int = 100) -> int:
     """The emoji class count a core was trained on, from the train_config of its checkpoint (else `default`)."""
     return int(train_config.get("num_classes", default)) if train_config.get("data") == "emoji" else default
+
+
+def trained_resolution(train_config: dict, default: int) -> int:
+    """The resolution of a core's last "fraction:resolution" stage (train_config): where it trained last."""
+    stages = train_config.get("resolution_stages")
+    return int(str(stages[-1]).split(":")[-1]) if stages else default
 
 
 def emoji_class_subset(num_classes: int, pool: int) -> list[tuple[str, str]]:
@@ -817,13 +841,9 @@ class ClassFolder(Records):
 
 
 class VideoFolder(ClassFolder):
-    """Kinetics-style class folders of videos -> (clip (T, 3, S, S), "a video of a <class name>.", label)."""
+    """Kinetics-style class folders of videos -> (clip (num_frames, 3, S, S), "a video of a <class name>.", label)."""
 
     tag, media, extensions, caption = "video", "video", VIDEO_EXTENSIONS, "a video of {a}."
-
-    def __init__(self, root, num_frames=8, transform=None, image_size=224, class_names=None, seed=0, epoch=0,
-                 bad_report_dir=None):
-        super().__init__(root, transform, image_size, class_names, seed, epoch, bad_report_dir, num_frames)
 
 
 class VideoList(Records):
@@ -845,10 +865,8 @@ def _files_by_stem(folder, extensions):
 
 
 def _resize_labels(array: np.ndarray, size) -> torch.Tensor:
-    """Nearest-neighbour resize of a label or depth map (H, W) to size (int or (H, W)); None keeps it."""
+    """Nearest-neighbour resize of a label or depth map (H, W) to size (int or (H, W))."""
     tensor = torch.from_numpy(np.ascontiguousarray(array))
-    if size is None:
-        return tensor
     resized = torch.nn.functional.interpolate(tensor[None, None].double(), size=size, mode="nearest")
     return resized[0, 0].to(tensor.dtype)
 
@@ -1086,7 +1104,6 @@ class VideoError(Exception):
 def write_video(path: str, frames, fps: int = 8):
     """Encode frames (PIL or (H, W, 3) uint8, even sides) as .mp4 (H.264 or mpeg4) or .webm (VP9 or VP8)."""
     import av
-
     arrays = [np.asarray(frame.convert("RGB") if isinstance(frame, Image.Image) else frame) for frame in frames]
     if not arrays or any(a.dtype != np.uint8 or a.ndim != 3 or a.shape[2] != 3 for a in arrays):
         raise ValueError(f"write_video: {path}: frames must be PIL images or (H, W, 3) uint8 arrays, at least one")
@@ -1134,7 +1151,6 @@ def read_video(source, num_frames: int = 8, name: str | None = None, return_indi
     variable frame rate) of a video path or file -> (T, H, W, 3) uint8, upright [, indices], decoding only from the
     keyframe before each; VideoError names the file of an unreadable, truncated or empty video."""
     import av
-
     name = name or str(source)
     if isinstance(source, (str, os.PathLike)) and (not os.path.exists(source) or os.path.getsize(source) == 0):
         raise VideoError(f"{name}: " + ("empty file (0 bytes)" if os.path.exists(source) else "no such file"))

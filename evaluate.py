@@ -34,7 +34,7 @@ from tqdm import tqdm
 
 import data
 import pe_model
-from training import (RULES as TRAINING_RULES, checkpoint_train_config, final_resolution, fmt, load_plugin,
+from training import (RULES as TRAINING_RULES, checkpoint_train_config, fmt, load_plugin,
                       markdown_table, parse_config, positive, resolve_checkpoint, write_json)
 
 TASKS = ("zero_shot", "robustness", "retrieval", "video_zero_shot", "layerwise", "tracking", "feature_maps", "vqa")
@@ -129,7 +129,7 @@ def resolve_defaults(cfg, model, checkpoint_path):
     if not cfg.num_classes:
         cfg.num_classes = data.trained_class_count(trained)
     if not cfg.image_size:
-        cfg.image_size = final_resolution(trained, getattr(model, "visual", model).image_size)
+        cfg.image_size = data.trained_resolution(trained, getattr(model, "visual", model).image_size)
     if trained and cfg.seed == 0:
         cfg.seed = int(trained.get("seed", 0))
     return cfg
@@ -311,7 +311,7 @@ def run_retrieval(model, cfg, device, cache):
 def run_video_zero_shot(model, cfg, device, cache):
     image_size = cfg.image_size
     if cfg.kinetics_dir:
-        dataset = data.VideoFolder(cfg.kinetics_dir, cfg.num_frames, image_size=image_size,
+        dataset = data.VideoFolder(cfg.kinetics_dir, num_frames=cfg.num_frames, image_size=image_size,
                                    class_names=cfg.class_names or None)
         indices, class_names = first_indices(dataset, cfg.max_images), dataset.class_names
         description = f"video class folders {cfg.kinetics_dir}"

@@ -37,6 +37,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.distributed.fsdp import FSDPModule
 from tqdm import tqdm
 
 import data
@@ -331,7 +332,7 @@ def contrastive_step(train_forward, optimizer, images, tokens, masking=None, mas
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     clip = getattr(train_forward, "module", train_forward).model  # (DDP wraps it as .module)
-    if group is not None and training.is_fsdp(train_forward):  # the replicated logit scale (wrap_for_training)
+    if group is not None and isinstance(train_forward, FSDPModule):  # the replicated logit scale (wrap_for_training)
         dist.all_reduce(clip.logit_scale.grad, group=group)
         clip.logit_scale.grad.div_(world_size)
     optimizer.step()

@@ -1,6 +1,6 @@
 """The machinery every training stage shares, written once: --field=value configs, the default PE-core checkpoint,
-torchrun / DDP / FSDP, LAMB, the warmup + cosine schedule, RNG state, the resumable checkpoint and (epoch, batch)
-stream, the metrics log and the reports. Nothing here knows a stage."""
+torchrun / DDP / FSDP, LAMB, the warmup + cosine schedule, RNG state, the resumable checkpoint, the metrics log and
+the reports. Nothing here knows a stage."""
 
 import glob
 import importlib
@@ -148,12 +148,6 @@ def checkpoint_train_config(path):
     return dict(blob.get("train_config") or {}) if isinstance(blob, dict) else {}
 
 
-def final_resolution(train_config, default):
-    """The last "fraction:resolution" stage of a train_clip.py run: where it trained last and evaluated."""
-    stages = train_config.get("resolution_stages")
-    return int(str(stages[-1]).split(":")[-1]) if stages else default
-
-
 # ---------------------------------------------------------------------------------------------------------
 # Distributed: torchrun's environment variables alone switch it on (as in nanoGPT).
 def setup_distributed():
@@ -180,14 +174,9 @@ def gather_per_rank(value, world_size):
     return gathered
 
 
-def is_fsdp(module):
-    return isinstance(module, FSDPModule)
-
-
 def wrap_for_training(module, device, world_size, fsdp=False, replicated=()):
-    """DDP or FSDP2 (each block of any `resblocks`, then the rest) around `module` when world_size > 1; FSDP leaves
-    `replicated` parameters whole (a 0-dim logit scale), their gradients the caller's to average. Build the
-    optimizer after this: fully_shard swaps in sharded DTensors."""
+    """DDP, or FSDP2 (each block of any `resblocks`, then the rest; `replicated` parameters, e.g. a 0-dim logit scale,
+    stay whole: the caller averages their gradients) when world_size > 1. Build the optimizer after it (DTensors)."""
     if world_size == 1:
         return module
     if not fsdp:
@@ -200,10 +189,9 @@ def wrap_for_training(module, device, world_size, fsdp=False, replicated=()):
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Optimizer. §2.1 switches from AdamW to LAMB (You et al. 2020), Adam whose update is rescaled per tensor by the
-# trust ratio ||w|| / ||update||, so every layer moves by about lr x its own norm: it allows a higher learning rate.
-# Besides the 0/1-d parameters (biases, norms, LayerScale, logit scale), the position and class embeddings and the
-# pooling probe get neither decay (nothing pulls them to 0) nor the trust ratio (their norm is no scale).
+# Optimizer. §2.1 switches from AdamW to LAMB (You et al. 2020): Adam whose update of each tensor is rescaled by the
+# trust ratio ||w|| / ||update||, so every layer moves by about lr x its own norm, allowing a higher lr. Neither decay
+# (nothing pulls them to 0) nor trust ratio (their norm is no scale) for 0/1-d, position/class embeddings and probe:
 NO_DECAY_NAMES = ("positional_embedding", "class_embedding", "probe", "logit_scale")
 
 
@@ -278,12 +266,10 @@ def set_lr(optimizer, lr):
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Resumable checkpoints: {"model" (official state_dict layout), "config" (pe_model.get_config), "optimizer",
-# "step", "rng", "data_position" (one row per rank), plus the stage's extras}. Written atomically by rank 0;
-# every value is a tensor or plain Python data, so torch.load(weights_only=True) reads it.
+# Resumable checkpoints: {"model" (official layout), "config", "optimizer", "step", "rng", "data_position" (a row
+# per rank), the stage's extras}, written atomically by rank 0, in tensors and plain data (weights_only=True reads).
 def rng_state():
-    """The torch and CUDA RNG states (drop path draws from them). Nothing draws from Python's or NumPy's: data
-    randomness comes from generators seeded per item (data.item_generator), also in loader workers."""
+    """The torch and CUDA RNG states (drop path's); no data randomness is global (data.item_generator seeds items)."""
     state = {"torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.stack(torch.cuda.get_rng_state_all())
@@ -299,7 +285,7 @@ def set_rng_state(state):
 def save_training_checkpoint(path, module, model, optimizer, step, position=(), world_size=1, extra=None):
     """Checkpoint `model` (inside the wrapped `module`) and each rank's data `position` (ints). Every rank calls it."""
     positions = gather_per_rank([int(v) for v in position], world_size)
-    if is_fsdp(module):
+    if isinstance(module, FSDPModule):
         model_state, optimizer_state = get_state_dict(
             module, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
         model_state = {k.removeprefix("model."): v for k, v in model_state.items()}
@@ -315,14 +301,6 @@ def save_training_checkpoint(path, module, model, optimizer, step, position=(), 
                                   "data_position": torch.tensor(positions), **(extra or {})}, path)
 
 
-def _config_difference(saved, built):
-    """Where two model configs differ: "vision_cfg.width=128 (this run: 192)", ..."""
-    saved, built = ({f"{k}.{j}".rstrip("."): w for k, v in config.items()
-                     for j, w in (v.items() if isinstance(v, dict) else [("", v)])} for config in (saved, built))
-    return ", ".join(f"{k}={saved.get(k)} (this run: {built.get(k)})"
-                     for k in sorted(set(saved) | set(built)) if saved.get(k) != built.get(k))
-
-
 def load_training_checkpoint(path, module, model, optimizer=None, rank=0, world_size=1):
     """Restore weights, optimizer and RNG -> (checkpoint dict, this rank's data position); ValueError if unreadable."""
     blob = pe_model.read_checkpoint_file(path)
@@ -331,23 +309,24 @@ def load_training_checkpoint(path, module, model, optimizer=None, rank=0, world_
     positions = torch.atleast_2d(blob.get("data_position", torch.zeros(1, 0, dtype=torch.long)))  # (ranks, ints)
     if len(positions) not in (1, world_size):  # one row: a position that every rank shares (train_clip)
         raise SystemExit(f"{path}: written by {len(positions)} process(es); resume it with as many (now {world_size})")
-    difference = blob.get("config") and _config_difference(blob["config"], pe_model.get_config(model))
-    if difference:  # before any weight is touched: say which sizes differ, both ways
-        raise SystemExit(f"{path}: a checkpoint of another model: {difference}")
-    if is_fsdp(module):
+    # before any weight is touched, the configs' fields ("vision_cfg.width") that differ, both ways
+    saved, built = ({f"{k}.{j}".rstrip("."): w for k, v in config.items()
+                     for j, w in (v.items() if isinstance(v, dict) else [("", v)])}
+                    for config in (blob.get("config") or {}, pe_model.get_config(model)))
+    difference = [f"{k}={saved.get(k)} (this run: {built.get(k)})" for k in sorted(saved | built)
+                  if saved and saved.get(k) != built.get(k)]
+    if difference:
+        raise SystemExit(f"{path}: a checkpoint of another model: {', '.join(difference)}")
+    if isinstance(module, FSDPModule):
         set_state_dict(module, optimizer, model_state_dict={f"model.{k}": v for k, v in blob["model"].items()},
                        optim_state_dict=blob["optimizer"], options=StateDictOptions(full_state_dict=True))
     else:
         try:
             pe_model.load_checkpoint(model, blob["model"], name=path)
-        except pe_model.CheckpointMismatchError as error:
-            raise SystemExit(f"{path}: does not fit this run's model: {error}") from None
-        if optimizer is not None:
-            try:
+            if optimizer is not None:
                 optimizer.load_state_dict(blob["optimizer"])
-            except (ValueError, KeyError) as error:
-                raise SystemExit(f"{path}: its optimizer state does not fit this run's optimizer ({error}); "
-                                 "same optimizer and model as the run that wrote it?") from None
+        except (ValueError, KeyError) as error:  # CheckpointMismatchError is a ValueError
+            raise SystemExit(f"{path}: does not fit this run's model and optimizer: {error}") from None
     set_rng_state(blob["rng"])
     return blob, tuple(int(v) for v in positions[rank if len(positions) > 1 else 0])
 
@@ -379,30 +358,10 @@ def prune_checkpoints(out_dir, keep, pattern="step_*.pt"):
         os.remove(path)
 
 
-def epochs(set_epoch, make_loader, start, name="data"):
-    """Endless (batch, position after it), position = (epoch, loader batches used in it): a checkpoint's position
-    continues the stream exactly. make_loader(epoch, skip) -> (loader, skipped): the epoch less its first `skip`
-    batches (skipped=True), or all of it, those then dropped (tar shards cannot be skipped unread). None batches
-    (all bad) are passed over; an epoch without a good one stops the run."""
-    epoch, skip = start
-    while True:
-        set_epoch(epoch)
-        loader, skipped = make_loader(epoch, skip)
-        got = False
-        for index, batch in enumerate(loader, skip if skipped else 0):
-            got = got or batch is not None
-            if batch is not None and index >= skip:
-                yield batch, (epoch, index + 1)
-        if not got and not skip:
-            raise SystemExit(f"{name}: an epoch gave no usable sample on this rank (see the bad-sample warnings)")
-        epoch, skip = epoch + 1, 0
-
-
 # ---------------------------------------------------------------------------------------------------------
 # Metrics and reports
 class MetricsLog:
-    """metrics.jsonl, a JSON record per line, written by rank 0 (enabled); a resumed run keeps the lines up to its
-    step, a fresh run starts empty."""
+    """metrics.jsonl, a JSON record a line, from rank 0 (enabled); a resumed run keeps its lines up to its step."""
 
     def __init__(self, path, resumed_step=None, enabled=True):
         self.path, self.enabled, kept = path, enabled, []

@@ -370,7 +370,7 @@ def run_engine(cfg, model, device="cpu", rank=0, world_size=1, captioner=None, s
         raise SystemExit(f"--videos={cfg.videos}: the retrieval captioner needs a vocabulary: pass "
                          "--vocabulary=FILE (one class name per line) or a --captioner plug-in")
     captioner = captioner or RetrievalCaptioner(model, class_names, cfg.motions, device,
-                                                cfg.image_size or training.final_resolution(trained, model.image_size))
+                                                cfg.image_size or data.trained_resolution(trained, model.image_size))
     summarizer = summarizer or load_component(cfg.summarizer, cfg.summarizer_checkpoint, "summarizer", device) \
         or ExtractiveSummarizer(functools.partial(embed_texts, model, device=device),
                                 getattr(captioner, "frame_vocabulary", ()))
@@ -425,7 +425,7 @@ def finetune(cfg, model, shard_dir, device="cpu", rank=0, world_size=1, start_ch
     wrote it: each rank's data position is its own). Returns {"path", "losses" (of this call's steps)}."""
     device, group = torch.device(device), dist.group.WORLD if world_size > 1 else None
     trained = training.checkpoint_train_config(start_checkpoint) if start_checkpoint else {}
-    image_size = cfg.image_size or training.final_resolution(trained, model.image_size)
+    image_size = cfg.image_size or data.trained_resolution(trained, model.image_size)
     torch.manual_seed(cfg.seed)
     model = model.to(device).train()
     train_forward = training.wrap_for_training(model, device, world_size)  # DDP: gradients averaged over ranks
@@ -441,14 +441,14 @@ def finetune(cfg, model, shard_dir, device="cpu", rank=0, world_size=1, start_ch
         print(f"resuming the finetuning at step {step} from {resumed}" if resumed else
               f"--resume: no finetuning checkpoint in {cfg.out_dir}, starting from {start_checkpoint or 'the model'}")
     extra = dict(train_config=trained, video_engine_config=dataclasses.asdict(cfg), start_checkpoint=start_checkpoint)
-    # endless (batch, position) streams (training.epochs) from position = (video epoch, batches, image epoch, batches)
+    # endless (batch, position) streams (data.epochs) from position = (video epoch, batches, image epoch, batches)
     video_augment = data.AugmentConfig(crop_scale=(0.6, 1.0), hflip_prob=0.0)  # a flip makes "moving left" wrong
     videos = data.TarShards(shard_dir, transform=data.make_train_transform(image_size, video_augment),
                             media="video", num_frames=cfg.num_frames, shuffle_buffer=4 * cfg.video_batch_size,
                             seed=cfg.seed, rank=rank, world_size=world_size)
     loader = torch.utils.data.DataLoader(videos, batch_size=cfg.video_batch_size, num_workers=cfg.num_workers,
                                          collate_fn=data.collate_image_text)  # iterable: used batches read and dropped
-    video_batches = training.epochs(videos.set_epoch, lambda epoch, skip: (loader, False), position[:2], name=shard_dir)
+    video_batches = data.epochs(videos.set_epoch, lambda epoch, skip: (loader, False), position[:2], name=shard_dir)
     image_batches = None
     if cfg.image_batch_size > 0:
         transform = data.make_train_transform(image_size, data.AugmentConfig())
@@ -461,7 +461,7 @@ def finetune(cfg, model, shard_dir, device="cpu", rank=0, world_size=1, start_ch
             return torch.utils.data.DataLoader(images, batch_size=cfg.image_batch_size, sampler=order, drop_last=True,
                                                num_workers=cfg.num_workers, collate_fn=data.collate_image_text), True
 
-        image_batches = training.epochs(images.set_epoch, image_loader, position[2:], name="image-caption pairs")
+        image_batches = data.epochs(images.set_epoch, image_loader, position[2:], name="image-caption pairs")
     losses = []
     bar = tqdm(total=cfg.steps, initial=step, desc="finetune", disable=not progress or rank != 0)
     while step < cfg.steps:

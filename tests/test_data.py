@@ -602,3 +602,17 @@ def test_public_dense_layouts(tmp_path):
     sequence = data.DavisFolder(str(davis))[0]
     assert sequence["name"] == "bear" and sequence["frames"].shape == (3, 3, 12, 16)
     assert sequence["masks"][0].max() == 2 and (sequence["masks"][1] == -1).all() and sequence["num_objects"] == 2
+
+
+def test_epoch_stream_resumes_exactly_and_passes_over_bad_batches():
+    def make_loader(epoch, skip):  # epoch e: batches [e*10 + i]; batch 2 of every epoch is bad (None)
+        return [None if i == 2 else epoch * 10 + i for i in range(skip, 4)], True
+
+    stream = data.epochs(lambda epoch: None, make_loader, (0, 0))
+    whole = [next(stream) for _ in range(7)]
+    assert [b for b, _ in whole] == [0, 1, 3, 10, 11, 13, 20]
+    assert [p for _, p in whole][:4] == [(0, 1), (0, 2), (0, 4), (1, 1)]
+    resumed = data.epochs(lambda epoch: None, make_loader, whole[3][1])
+    assert [next(resumed) for _ in range(3)] == whole[4:7]
+    with pytest.raises(SystemExit, match="no usable sample"):
+        next(data.epochs(lambda epoch: None, lambda e, s: ([None, None], True), (0, 0), name="shards"))

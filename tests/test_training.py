@@ -130,20 +130,6 @@ def test_training_checkpoint_round_trip_restores_weights_optimizer_rng_and_posit
     assert training.load_training_checkpoint(path, other, other, None, rank=1, world_size=2)[1] == (3, 4)
 
 
-def test_epoch_stream_resumes_exactly_and_passes_over_bad_batches():
-    def make_loader(epoch, skip):  # epoch e: batches [e*10 + i]; batch 2 of every epoch is bad (None)
-        return [None if i == 2 else epoch * 10 + i for i in range(skip, 4)], True
-
-    stream = training.epochs(lambda epoch: None, make_loader, (0, 0))
-    whole = [next(stream) for _ in range(7)]
-    assert [b for b, _ in whole] == [0, 1, 3, 10, 11, 13, 20]
-    assert [p for _, p in whole][:4] == [(0, 1), (0, 2), (0, 4), (1, 1)]
-    resumed = training.epochs(lambda epoch: None, make_loader, whole[3][1])
-    assert [next(resumed) for _ in range(3)] == whole[4:7]
-    with pytest.raises(SystemExit, match="no usable sample"):
-        next(training.epochs(lambda epoch: None, lambda e, s: ([None, None], True), (0, 0), name="shards"))
-
-
 def test_metrics_log_keeps_the_resumed_steps_and_a_fresh_run_starts_empty(tmp_path):
     path = str(tmp_path / "metrics.jsonl")
     log = training.MetricsLog(path)

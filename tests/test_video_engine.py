@@ -72,7 +72,8 @@ def grey_video(path, num_frames, step=12):
 def read_shards(shard_dir, num_frames=NUM_FRAMES, image_size=64):
     """Every sample of the engine's shards as (frames (T, 3, S, S), caption, key, record): frames and caption through
     data.TarShards' video mode (what the finetuning reads), the record from the sample's .json file."""
-    shards = data.TarShards(shard_dir, image_size=image_size, media="video", num_frames=num_frames, rank=0, world_size=1)
+    shards = data.TarShards(shard_dir, image_size=image_size, media="video", num_frames=num_frames, rank=0,
+                            world_size=1)
     records = {}
     for shard in shards.shards:
         with tarfile.open(shard) as tar:

@@ -429,7 +429,8 @@ def fit_softmax_probe(features, targets, l2=1e-4, steps=150, max_samples=20000, 
 def classification_probe(train_features, train_labels, test_features, test_labels, num_classes):
     targets = F.one_hot(train_labels.long(), num_classes).float()
     weight, bias = fit_linear_probe(train_features, targets, select="accuracy")
-    return 100.0 * ((test_features.float() @ weight + bias).argmax(dim=1) == test_labels).float().mean().item()
+    predictions = (test_features.float() @ weight + bias).argmax(dim=1)
+    return 100.0 * (predictions == test_labels).float().mean().item()
 
 
 def _patch_index(shape, grid):
@@ -774,8 +775,9 @@ def probe_tracking(visual, cfg, layers, size, device, cache):
                                     cfg.track_temperature, cfg.track_context, cfg.track_radius)
             per_video[slot].append(track_iou(pred, masks, num_labels))
     scores = [sum(v for v in s if not math.isnan(v)) / max(1, sum(not math.isnan(v) for v in s)) for s in per_video]
-    return scores, (f"J % (label propagation: top-{cfg.track_topk}, temperature {cfg.track_temperature}, first + "
-                    f"{cfg.track_context} previous frames, radius {cfg.track_radius} patches)"), True, description
+    metric = (f"J % (label propagation: top-{cfg.track_topk}, temperature {cfg.track_temperature}, "
+              f"first + {cfg.track_context} previous frames, radius {cfg.track_radius} patches)")
+    return scores, metric, True, description
 
 
 PROBES = {"classification": probe_classification, "segmentation": partial(probe_dense, "segmentation"),

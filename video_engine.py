@@ -13,7 +13,8 @@ Dataset) comes as a PVD-style JSONL file (--annotations, see read_annotations); 
   python train_clip.py                     # first: the PE-core checkpoint this stage starts from (out/clip)
   python video_engine.py                   # the engine on the embedded videos, then a short finetuning
   python video_engine.py --videos=DIR --vocabulary=classes.txt --annotations=pvd.jsonl --steps=2000
-  python video_engine.py --captioner_checkpoint=out/lang/vlm.pt --summarizer_checkpoint=out/lang/vlm.pt --skip_finetune
+  python video_engine.py --captioner=align_lang:make_captioner --captioner_checkpoint=out/lang/vlm.pt \\
+      --summarizer=align_lang:make_summarizer --summarizer_checkpoint=out/lang/vlm.pt --skip_finetune
   torchrun --nproc_per_node=8 video_engine.py --videos=DIR --vocabulary=classes.txt --video_batch_size=64
 Under torchrun the ranks share the captioning and summarising, and every rank finetunes on its own shards.
 
@@ -115,7 +116,8 @@ def write_record(record_dir, key, record):
 def video_key(relative_path):
     """A video's key: its path under the folder without extension, "/" -> "__", anything but letters, digits,
     "_" and "-" -> "_" (webdataset keys end at the first dot of a tar member's name)."""
-    return re.sub(r"[^A-Za-z0-9_-]", "_", os.path.splitext(relative_path)[0].replace(os.sep, "__").replace("/", "__"))
+    stem = os.path.splitext(relative_path)[0].replace(os.sep, "__").replace("/", "__")
+    return re.sub(r"[^A-Za-z0-9_-]", "_", stem)
 
 
 def list_videos(folder, bad):

@@ -498,7 +498,8 @@ def train(cfg):
 def main(argv=None):
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     train(make_config(argv))
-    if dist.is_initialized():
+    if dist.is_initialized():  # leave together: a rank tearing gloo down while another still writes can abort
+        training.barrier()
         dist.destroy_process_group()
 
 

@@ -569,7 +569,8 @@ def main(argv=None):
             "loss_last": losses[-1] if losses else None, "video_zero_shot_before": before,
             "video_zero_shot_after": after})
         print(f"checkpoint: {result['path']}; summary: {os.path.join(cfg.out_dir, 'results.json')}")
-    if dist.is_initialized():
+    if dist.is_initialized():  # leave together, as train_clip.py
+        training.barrier()
         dist.destroy_process_group()
 
 

@@ -334,3 +334,14 @@ def test_video_zero_shot_runs_evaluate_py_as_a_process_or_is_skipped(tmp_path, c
     printed = capsys.readouterr().out
     assert f"evaluate.py --video_zero_shot --checkpoint=multi.pt --out_dir={out_dir}" in printed
     assert "video zero-shot of broken.pt: evaluate.py failed" in printed
+
+
+def test_the_command_line_engine_runs_with_device_auto(tmp_path, model, capsys):
+    """--device=auto (what training.RULES allows) means the default device, as in align_lang.py and evaluate.py:
+    `python video_engine.py --device=auto ...` runs the engine instead of failing on torch.device("auto")."""
+    checkpoint = str(tmp_path / "core.pt")
+    pe_model.save_checkpoint({"model": model.state_dict(), "config": pe_model.get_config(model)}, checkpoint)
+    video_engine.main([f"--checkpoint={checkpoint}", "--device=auto", f"--out_dir={tmp_path / 'out'}",
+                       "--num_videos=2", "--video_length=4", "--video_size=32", "--video_classes=2",
+                       f"--num_frames={NUM_FRAMES}", "--skip_finetune"])
+    assert "engine: 2 videos, 2 captioned now" in capsys.readouterr().out

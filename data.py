@@ -813,8 +813,8 @@ class ClassFolder(Records):
 
     tag, extensions, caption = "folder", IMAGE_EXTENSIONS, "a photo of {a}."
 
-    def __init__(self, root, transform=None, image_size=224, class_names=None, seed=0, epoch=0,
-                 bad_report_dir=None, num_frames=8):
+    def __init__(self, root, *, transform=None, image_size=224, class_names=None, seed=0, epoch=0,
+                 bad_report_dir=None, num_frames=8):  # keywords only: VideoFolder(root, 8) is an error, not transform=8
         super().__init__(transform, image_size, seed, epoch, bad_report_dir, num_frames)
         if not os.path.isdir(root):
             raise FileNotFoundError(f"{root}: no such folder")
